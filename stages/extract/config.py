@@ -1,0 +1,55 @@
+"""The extraction config: everything that decides a store's content, plus runtime knobs.
+
+Content fields are recorded in the store's attributes and compared on resume; runtime fields
+(``runtime.*``: batch size, workers, device, ...) are not, so a rerun may change them freely.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class DetectorConfig:
+    backend: str = "torchvision"  # torchvision | detectron2 | annotations
+    arch: str = "v2"  # torchvision: v2 (maskrcnn_resnet50_fpn_v2) | v1
+    weights: str = "DEFAULT"  # DEFAULT (torchvision enum) | PATH | none (random init)
+    config_file: str | None = None  # detectron2: model-zoo name or a config file
+    score_threshold: float = 0.05  # low on purpose: thresholds are choices made at training time
+    max_instances: int = 32
+    min_size: int = 800  # input size (torchvision GeneralizedRCNNTransform)
+    max_size: int = 1333
+
+
+@dataclass
+class FeatureConfig:
+    backbone: str = "resnet101"  # ResNet-101 C5, as BUTD and Show-Attend-Tell use
+    weights: str = "DEFAULT"  # DEFAULT | PATH | none
+    input_size: int = 448  # images resized to input_size^2 for the C5 map (SAT convention)
+    grid_size: int = 14
+    region_mode: str = "adaptive"  # adaptive (10..100 boxes with conf >= 0.2, BUTD) | fixed
+    region_conf: float = 0.2
+    min_regions: int = 10
+    max_regions: int = 36  # store capacity R; BUTD's adaptive setting uses 100
+    fixed_regions: int = 36
+
+
+@dataclass
+class RuntimeConfig:
+    batch_size: int = 4
+    num_workers: int = 2
+    device: str = "cpu"
+    amp: bool = True  # autocast on CUDA only
+    strict: bool = False  # stop at the first bad image
+
+
+@dataclass
+class ExtractConfig:
+    groups: tuple[str, ...] = ("instances", "regions", "grid", "matches")
+    block_size: int = 64
+    match: str = "synonyms"  # synonyms | exact
+    split: str | None = None  # only this split
+    limit: int | None = None  # only the first N images (after the split filter)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)

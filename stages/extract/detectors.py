@@ -1,0 +1,534 @@
+"""Instance detectors for stage one: one registry, one output type (:class:`Detections`).
+
+Backends (``DETECTORS.build(name, **cfg)``):
+
+- ``torchvision``: Mask R-CNN R50-FPN v2 (default) or v1. The model's own modules are called in order
+  (transform, backbone, RPN, RoI heads) and ``transform.postprocess`` is skipped, so the 28x28 mask
+  probabilities come out exactly as the mask head produced them, before any pasting; boxes are mapped
+  back to original pixels with torchvision's ``resize_boxes``. Pasting our output with torchvision's
+  ``paste_masks_in_image`` reproduces the full model's output (tested).
+- ``detectron2``: any model-zoo config or config file, imported lazily (optional dependency).
+- ``annotations``: a dataset's own COCO-format instance annotations in the same box + 28x28 form
+  (the oracle run, and what the synthetic demo uses).
+
+Defaults (ours): ``score_threshold=0.05`` so that stored instances keep low-scoring detections and the
+score used for merged masks stays a training-time choice (METHODS section 2 uses 0.5);
+``max_instances=32`` = the store's instance capacity.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ...pipeline.registry import Registry
+
+DETECTORS = Registry("detector")
+MASK_SIZE = 28
+
+NO_INTERNET = "no internet: pass --weights PATH or --weights none"
+D2_MISSING = (
+    "detectron2 is not installed; build it from source: "
+    "pip install 'git+https://github.com/facebookresearch/detectron2.git' "
+    "(needs a C++ compiler and CUDA toolkit matching torch)"
+)
+
+
+class DetectorError(ValueError):
+    """Bad detector configuration, weights or input; the message names what is wrong."""
+
+
+@dataclass
+class Detections:
+    """One image's detections; every array is numpy on the CPU.
+
+    boxes (n,4) float32 xyxy in original image pixels; labels (n,) int64 contiguous class indices
+    0..K-1 into the detector's ``class_names`` (no background); scores (n,) float32; masks (n,M,M)
+    float32 box-relative probabilities in [0, 1] as the mask head produced them (not pasted);
+    image_size (h, w). Optional proposals (p,4) float32 in original pixels with their objectness
+    ``proposal_scores`` (p,), best first, used to top up bottom-up regions.
+    """
+
+    boxes: np.ndarray
+    labels: np.ndarray
+    scores: np.ndarray
+    masks: np.ndarray
+    image_size: tuple[int, int]
+    proposals: np.ndarray | None = None
+    proposal_scores: np.ndarray | None = None
+
+    def __post_init__(self):
+        self.boxes = _np(self.boxes, np.float32).reshape(-1, 4)
+        self.labels = _np(self.labels, np.int64).reshape(-1)
+        self.scores = _np(self.scores, np.float32).reshape(-1)
+        self.masks = _np(self.masks, np.float32)
+        n = len(self.boxes)
+        if self.masks.size == 0:
+            self.masks = self.masks.reshape(0, MASK_SIZE, MASK_SIZE) if n == 0 else self.masks
+        if len(self.labels) != n or len(self.scores) != n or self.masks.ndim != 3 or len(self.masks) != n:
+            raise DetectorError(
+                f"inconsistent detections: boxes {self.boxes.shape}, labels {self.labels.shape}, "
+                f"scores {self.scores.shape}, masks {self.masks.shape}"
+            )
+        self.image_size = (int(self.image_size[0]), int(self.image_size[1]))
+        if self.proposals is not None:
+            self.proposals = _np(self.proposals, np.float32).reshape(-1, 4)
+            if self.proposal_scores is None:
+                self.proposal_scores = np.zeros(len(self.proposals), np.float32)
+            self.proposal_scores = _np(self.proposal_scores, np.float32).reshape(-1)
+            if len(self.proposal_scores) != len(self.proposals):
+                raise DetectorError("proposal_scores and proposals differ in length")
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+
+@runtime_checkable
+class Detector(Protocol):
+    class_names: list[str]
+    weights_id: str
+    weights_sha256: str | None
+
+    def detect(self, images: Sequence[np.ndarray] | Sequence[Tensor], records=None) -> list[Detections]: ...
+
+    def config(self) -> dict[str, Any]: ...
+
+
+def _np(x, dtype) -> np.ndarray:
+    if isinstance(x, Tensor):
+        x = x.detach().float().cpu().numpy() if x.is_floating_point() else x.detach().cpu().numpy()
+    return np.asarray(x, dtype=dtype)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_state_dict(path: str | os.PathLike, what: str) -> dict[str, Tensor]:
+    """A state dict from ``path`` (``torch.load(weights_only=True)``; also accepts {"model": sd})."""
+    p = Path(path)
+    if not p.is_file():
+        raise DetectorError(f"{what} weights file not found: {p} (or pass 'DEFAULT' or 'none')")
+    try:
+        sd = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DetectorError(f"{p}: not a loadable weights-only checkpoint ({type(e).__name__}: {e})") from None
+    for key in ("model", "state_dict"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
+        raise DetectorError(f"{p}: expected a state dict of tensors")
+    return sd
+
+
+def to_chw_float(img, index: int = 0) -> Tensor:
+    """(H,W,3) uint8 numpy / (3,H,W) uint8 or float-in-[0,1] tensor -> (3,H,W) float32 in [0,1]."""
+    if isinstance(img, np.ndarray):
+        if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+            raise DetectorError(f"image {index}: expected (H, W, 3) uint8, got {img.shape} {img.dtype}")
+        return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255)
+    if isinstance(img, Tensor):
+        if img.ndim != 3 or img.shape[0] != 3:
+            raise DetectorError(f"image {index}: expected a (3, H, W) tensor, got {tuple(img.shape)}")
+        return img.float().div(255) if img.dtype == torch.uint8 else img.float()
+    raise DetectorError(f"image {index}: expected a numpy array or tensor, got {type(img).__name__}")
+
+
+def to_hwc_uint8(img, index: int = 0) -> np.ndarray:
+    if isinstance(img, np.ndarray):
+        to_chw_float(img, index)  # validates
+        return img
+    return (to_chw_float(img, index).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+
+
+def grid_boxes(height: int, width: int, levels: Sequence[int] = (1, 2, 3, 4)) -> np.ndarray:
+    """Deterministic multi-scale grid of boxes (the whole image, then 2x2, 3x3, ... cells), xyxy."""
+    out = []
+    for n in levels:
+        xs, ys = np.linspace(0, width, n + 1), np.linspace(0, height, n + 1)
+        out += [(xs[j], ys[i], xs[j + 1], ys[i + 1]) for i in range(n) for j in range(n)]
+    return np.asarray(out, np.float32).reshape(-1, 4)
+
+
+def fetch_torchvision_weights(weights) -> str:
+    """Download torchvision ``weights`` into the torch hub cache (a no-op when cached), before any model
+    is built, so that offline use fails fast with a clear message; returns the file's sha256."""
+    try:
+        torch.hub.load_state_dict_from_url(weights.url, progress=True, check_hash=True, weights_only=True)
+    except OSError as e:  # URLError and socket errors
+        raise DetectorError(f"could not fetch {weights.url} ({e}); {NO_INTERNET}") from None
+    return sha256_file(Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url))
+
+
+def coco_class_map(categories: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """torchvision COCO labels (ids 1..90 with 'N/A' gaps) -> contiguous names and a label lookup table.
+
+    ``lut[torchvision_label]`` is the contiguous index, or -1 for '__background__' and 'N/A'.
+    """
+    names, lut = [], np.full(len(categories), -1, np.int64)
+    for i, name in enumerate(categories):
+        if name not in ("__background__", "N/A"):
+            lut[i] = len(names)
+            names.append(name)
+    return names, lut
+
+
+
+def _autocast(device: torch.device, amp: bool):
+    return torch.autocast("cuda", dtype=torch.float16, enabled=amp and device.type == "cuda")
+
+
+@DETECTORS.register("torchvision")
+class TorchvisionDetector:
+    """torchvision Mask R-CNN R50-FPN (``arch`` "v2" default, or "v1").
+
+    ``weights``: "DEFAULT" (torchvision's COCO weights, downloaded to the torch hub cache; offline this
+    is a clear error), a PATH to a state dict (sha256 recorded), or "none" (random init, backbone too).
+    ``proposals`` is the RPN's pre- and post-NMS top-n at test time (torchvision's default 1000).
+    ``class_names`` is needed only for checkpoints that are not 91-class COCO (labels 1..K -> 0..K-1).
+    """
+
+    def __init__(self, arch: str = "v2", weights: str = "DEFAULT", score_threshold: float = 0.05,
+                 max_instances: int = 32, min_size: int = 800, max_size: int = 1333, nms_iou: float = 0.5,
+                 proposals: int = 1000, device: str = "cpu", amp: bool = True,
+                 class_names: Sequence[str] | None = None):
+        from torchvision.models import detection as tvd
+
+        builders = {"v2": (tvd.maskrcnn_resnet50_fpn_v2, tvd.MaskRCNN_ResNet50_FPN_V2_Weights),
+                    "v1": (tvd.maskrcnn_resnet50_fpn, tvd.MaskRCNN_ResNet50_FPN_Weights)}
+        if arch not in builders:
+            raise DetectorError(f"torchvision arch {arch!r} unknown; choose one of {sorted(builders)}")
+        build, enum = builders[arch]
+        self.arch, self.device, self.amp = arch, torch.device(device), bool(amp)
+        self.opts = dict(score_threshold=float(score_threshold), max_instances=int(max_instances),
+                         min_size=int(min_size), max_size=int(max_size), nms_iou=float(nms_iou),
+                         proposals=int(proposals))
+        kw = dict(box_score_thresh=score_threshold, box_detections_per_img=max_instances, min_size=min_size,
+                  max_size=max_size, box_nms_thresh=nms_iou, rpn_pre_nms_top_n_test=proposals,
+                  rpn_post_nms_top_n_test=proposals)
+        categories = enum.DEFAULT.meta["categories"]
+        self.weights_sha256: str | None = None
+        if weights == "DEFAULT":
+            self.weights_id = f"torchvision:{enum.DEFAULT}"
+            self.weights_sha256 = fetch_torchvision_weights(enum.DEFAULT)
+            model = build(weights=enum.DEFAULT, **kw)  # now loads from the hub cache
+        elif weights == "none":
+            model = build(weights=None, weights_backbone=None, num_classes=len(categories), **kw)
+            self.weights_id = "none (random init)"
+        else:
+            sd = load_state_dict(weights, "detector")
+            cls_w = sd.get("roi_heads.box_predictor.cls_score.weight")
+            if cls_w is None:
+                raise DetectorError(f"{weights}: not a torchvision Mask R-CNN state dict (no box predictor)")
+            model = build(weights=None, weights_backbone=None, num_classes=cls_w.shape[0], **kw)
+            missing, unexpected = model.load_state_dict(sd, strict=False)
+            # FrozenBatchNorm checkpoints lack BatchNorm's step counter; anything else is a real mismatch
+            bad = [k for k in missing + unexpected if not k.endswith("num_batches_tracked")]
+            if bad:
+                raise DetectorError(f"{weights}: does not fit Mask R-CNN {arch}; mismatched keys {bad[:5]}")
+            self.weights_id, self.weights_sha256 = str(weights), sha256_file(weights)
+        num_classes = model.roi_heads.box_predictor.cls_score.out_features
+        if class_names is not None:
+            if len(class_names) != num_classes - 1:
+                raise DetectorError(f"{len(class_names)} class_names for a {num_classes}-way (with background) model")
+            self.class_names, self._lut = list(class_names), np.arange(-1, num_classes - 1)
+        elif num_classes == len(categories):
+            self.class_names, self._lut = coco_class_map(categories)
+        else:
+            raise DetectorError(f"{weights}: {num_classes}-class checkpoint; pass class_names (without background)")
+        self.model = model.eval().to(self.device)
+
+    def config(self) -> dict[str, Any]:
+        import torchvision
+
+        return {"backend": "torchvision", "arch": f"maskrcnn_resnet50_fpn{'_v2' if self.arch == 'v2' else ''}",
+                "weights_id": self.weights_id, "weights_sha256": self.weights_sha256, **self.opts,
+                "mask_size": MASK_SIZE, "num_classes": len(self.class_names), "amp": self.amp,
+                "torchvision": torchvision.__version__}
+
+    def _rpn(self, images, features) -> tuple[list[Tensor], list[Tensor]]:
+        """The RPN's forward at test time, keeping the objectness scores it normally drops."""
+        from torchvision.models.detection.rpn import concat_box_prediction_layers
+
+        rpn, feats = self.model.rpn, list(features.values())
+        objectness, deltas = rpn.head(feats)
+        anchors = rpn.anchor_generator(images, feats)
+        per_level = [o[0].numel() for o in objectness]
+        objectness, deltas = concat_box_prediction_layers(objectness, deltas)
+        boxes = rpn.box_coder.decode(deltas.detach(), anchors).view(len(anchors), -1, 4)
+        return rpn.filter_proposals(boxes, objectness, images.image_sizes, per_level)
+
+    @torch.inference_mode()
+    def detect(self, images, records=None) -> list[Detections]:
+        from torchvision.models.detection.transform import resize_boxes
+
+        if len(images) == 0:
+            return []
+        tensors = [to_chw_float(img, i).to(self.device) for i, img in enumerate(images)]
+        sizes = [tuple(t.shape[-2:]) for t in tensors]
+        m = self.model
+        with _autocast(self.device, self.amp):
+            batch, _ = m.transform(tensors)
+            features = m.backbone(batch.tensors)
+            proposals, prop_scores = self._rpn(batch, features)
+            results, _ = m.roi_heads(features, proposals, batch.image_sizes)
+        out = []
+        for res, props, pscores, in_size, size in zip(results, proposals, prop_scores, batch.image_sizes, sizes):
+            labels = torch.as_tensor(self._lut)[res["labels"].cpu()]
+            keep = labels >= 0  # drops COCO 'N/A' ids (never trained; random weights can emit them)
+            out.append(Detections(
+                boxes=resize_boxes(res["boxes"].float(), in_size, size)[keep.to(res["boxes"].device)],
+                labels=labels[keep], scores=res["scores"].float().cpu()[keep],
+                masks=res["masks"][:, 0].float().cpu()[keep], image_size=size,
+                proposals=resize_boxes(props.float(), in_size, size), proposal_scores=pscores.float(),
+            ))
+        return out
+
+
+def import_detectron2():
+    """Import detectron2 or raise the install instructions (it is an optional, source-built dependency)."""
+    try:
+        import detectron2  # noqa: F401
+    except ImportError:
+        raise ImportError(D2_MISSING) from None
+    return detectron2
+
+
+@DETECTORS.register("detectron2")
+class Detectron2Detector:
+    """detectron2 Mask R-CNN from a model-zoo config name or a config file.
+
+    ``weights``: "DEFAULT" (the zoo checkpoint for a zoo name, or the config's MODEL.WEIGHTS), a PATH or
+    URL detectron2's checkpointer reads, or "none". Inference runs the model's modules (preprocess,
+    backbone, proposal generator, RoI heads) without ``detector_postprocess``, so ``pred_masks`` are the
+    (n,1,M,M) box-relative probabilities; boxes are rescaled to original pixels here.
+    """
+
+    def __init__(self, config: str = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml",
+                 weights: str = "DEFAULT", score_threshold: float = 0.05, max_instances: int = 32,
+                 min_size: int | None = None, max_size: int | None = None, proposals: int | None = None,
+                 device: str = "cpu", amp: bool = True, class_names: Sequence[str] | None = None):
+        import_detectron2()
+        from detectron2 import model_zoo
+        from detectron2.checkpoint import DetectionCheckpointer
+        from detectron2.config import get_cfg
+        from detectron2.data import MetadataCatalog
+        from detectron2.data import transforms as T
+        from detectron2.modeling import build_model
+
+        cfg = get_cfg()
+        from_zoo = not Path(config).is_file()
+        try:
+            cfg.merge_from_file(model_zoo.get_config_file(config) if from_zoo else config)
+        except RuntimeError as e:
+            raise DetectorError(f"{config!r} is neither a config file nor a detectron2 model-zoo name ({e})") from None
+        if not cfg.MODEL.MASK_ON:
+            raise DetectorError(f"{config}: not an instance-segmentation config (MODEL.MASK_ON is False)")
+        cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = float(score_threshold)
+        cfg.TEST.DETECTIONS_PER_IMAGE = int(max_instances)
+        cfg.MODEL.DEVICE = str(device)
+        if min_size is not None:
+            cfg.INPUT.MIN_SIZE_TEST = int(min_size)
+        if max_size is not None:
+            cfg.INPUT.MAX_SIZE_TEST = int(max_size)
+        if proposals is not None:
+            cfg.MODEL.RPN.PRE_NMS_TOPK_TEST = cfg.MODEL.RPN.POST_NMS_TOPK_TEST = int(proposals)
+        self.cfg, self.device, self.amp = cfg, torch.device(device), bool(amp)
+        self.model = build_model(cfg).eval()
+        source = None
+        if weights == "DEFAULT":
+            source = model_zoo.get_checkpoint_url(config) if from_zoo else cfg.MODEL.WEIGHTS
+            if not source:
+                raise DetectorError(f"{config}: no MODEL.WEIGHTS in the config; pass --weights PATH or none")
+        elif weights != "none":
+            source = str(weights)
+        self.weights_id, self.weights_sha256 = source or "none (random init)", None
+        if source:
+            try:
+                DetectionCheckpointer(self.model).load(source)
+            except OSError as e:
+                raise DetectorError(f"could not load {source} ({e}); {NO_INTERNET}") from None
+            if Path(source).is_file():
+                self.weights_sha256 = sha256_file(source)
+        num = cfg.MODEL.ROI_HEADS.NUM_CLASSES
+        names = list(class_names) if class_names is not None else None
+        if names is None and cfg.DATASETS.TEST:
+            names = MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("thing_classes", None)
+        if names is None or len(names) != num:
+            raise DetectorError(f"{config}: cannot tell the {num} class names; pass class_names")
+        self.class_names = list(names)
+        self.config_name = config
+        self.aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
+
+    def config(self) -> dict[str, Any]:
+        import detectron2
+
+        c = self.cfg
+        return {"backend": "detectron2", "arch": self.config_name, "weights_id": self.weights_id,
+                "weights_sha256": self.weights_sha256, "score_threshold": c.MODEL.ROI_HEADS.SCORE_THRESH_TEST,
+                "max_instances": c.TEST.DETECTIONS_PER_IMAGE, "min_size": c.INPUT.MIN_SIZE_TEST,
+                "max_size": c.INPUT.MAX_SIZE_TEST, "nms_iou": c.MODEL.ROI_HEADS.NMS_THRESH_TEST,
+                "proposals": c.MODEL.RPN.POST_NMS_TOPK_TEST, "mask_size": c.MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION * 2,
+                "num_classes": len(self.class_names), "amp": self.amp, "detectron2": detectron2.__version__}
+
+    @torch.inference_mode()
+    def detect(self, images, records=None) -> list[Detections]:
+        if len(images) == 0:
+            return []
+        inputs = []
+        for i, img in enumerate(images):
+            rgb = to_hwc_uint8(img, i)
+            pixels = rgb[:, :, ::-1] if self.cfg.INPUT.FORMAT == "BGR" else rgb
+            resized = self.aug.get_transform(pixels).apply_image(np.ascontiguousarray(pixels))
+            inputs.append({"image": torch.as_tensor(resized.astype("float32").transpose(2, 0, 1)),
+                           "height": rgb.shape[0], "width": rgb.shape[1]})
+        m = self.model
+        with _autocast(self.device, self.amp):
+            batch = m.preprocess_image(inputs)
+            features = m.backbone(batch.tensor)
+            proposals, _ = m.proposal_generator(batch, features, None)
+            results, _ = m.roi_heads(batch, features, proposals, None)
+        out = []
+        for res, props, inp in zip(results, proposals, inputs):
+            h, w = inp["height"], inp["width"]
+            scale = torch.tensor([w / res.image_size[1], h / res.image_size[0]] * 2)
+            boxes = (res.pred_boxes.tensor.float().cpu() * scale).clamp_(min=0)
+            boxes[:, 0::2].clamp_(max=w)
+            boxes[:, 1::2].clamp_(max=h)
+            masks = res.pred_masks.float().cpu()
+            if masks.ndim != 4 or masks.shape[1] != 1:
+                raise DetectorError(f"{self.config_name}: pred_masks of shape {tuple(masks.shape)}, expected (n,1,M,M)")
+            pboxes = props.proposal_boxes.tensor.float().cpu() * torch.tensor(
+                [w / props.image_size[1], h / props.image_size[0]] * 2)
+            out.append(Detections(boxes=boxes, labels=res.pred_classes.cpu(), scores=res.scores.float().cpu(),
+                                  masks=masks[:, 0], image_size=(h, w), proposals=pboxes,
+                                  proposal_scores=props.objectness_logits.float().sigmoid().cpu()))
+        return out
+
+
+@DETECTORS.register("annotations")
+class AnnotationsDetector:
+    """A dataset's own COCO-format instance annotations as detections (score 1.0): the oracle run.
+
+    Each annotation (``bbox`` xywh, ``category_id`` an index into ``class_names``, ``segmentation``
+    polygons, RLE or crowd RLE) is decoded with pycocotools to a full-resolution binary mask, then
+    cropped to its box and resized to MxM with ``roi_align(aligned=True)`` on the float mask, the way
+    Mask R-CNN's mask targets are made. Choices (ours): annotations without a segmentation count as
+    their filled box; zero-area boxes are dropped; above ``max_instances`` the largest areas are kept;
+    crowd regions are kept unless ``include_crowd=False``. Proposals are a deterministic grid
+    (:func:`grid_boxes`), used only to top up bottom-up regions.
+    """
+
+    weights_sha256 = None
+    weights_id = "annotations (dataset ground truth)"
+
+    def __init__(self, class_names: Sequence[str], mask_size: int = MASK_SIZE, max_instances: int = 32,
+                 include_crowd: bool = True, grid_levels: Sequence[int] = (1, 2, 3, 4)):
+        if not class_names:
+            raise DetectorError("the annotations backend needs the dataset's class names")
+        self.class_names = list(class_names)
+        self.mask_size, self.max_instances = int(mask_size), int(max_instances)
+        self.include_crowd, self.grid_levels = bool(include_crowd), tuple(int(n) for n in grid_levels)
+
+    def config(self) -> dict[str, Any]:
+        return {"backend": "annotations", "weights_id": self.weights_id, "weights_sha256": None,
+                "mask_size": self.mask_size, "max_instances": self.max_instances,
+                "include_crowd": self.include_crowd, "grid_levels": list(self.grid_levels),
+                "num_classes": len(self.class_names)}
+
+    def detect(self, images, records=None) -> list[Detections]:
+        if records is None or len(records) != len(images):
+            raise DetectorError("the annotations backend needs one record (with annotations) per image")
+        out = []
+        for i, (img, rec) in enumerate(zip(images, records)):
+            h, w = (img.shape[:2] if isinstance(img, np.ndarray) else tuple(img.shape[-2:]))
+            out.append(self.from_annotations(rec, h, w))
+        return out
+
+    def from_annotations(self, record, height: int, width: int) -> Detections:
+        """One record's annotations -> :class:`Detections` for a decoded image of ``height`` x ``width``."""
+        from torchvision.ops import roi_align
+
+        where = f"image {record.id} ({record.path})"
+        if record.annotations is None:
+            raise DetectorError(f"{where}: no instance annotations in this dataset")
+        if record.height is not None and (record.height, record.width) != (height, width):
+            raise DetectorError(f"{where}: annotations are for {record.width}x{record.height} but the decoded "
+                                f"image is {width}x{height} (EXIF orientation, or the wrong file?)")
+        items = []
+        for k, ann in enumerate(record.annotations):
+            if ann.get("iscrowd", 0) and not self.include_crowd:
+                continue
+            box, label = self._box_label(ann, f"{where} annotation {k}", height, width)
+            if box is not None:
+                items.append((box, label, ann, k))
+        if len(items) > self.max_instances:  # keep the largest; sorted() is stable for ties
+            items = sorted(items, key=lambda t: -(t[0][2] - t[0][0]) * (t[0][3] - t[0][1]))[: self.max_instances]
+        M = self.mask_size
+        masks = np.zeros((len(items), M, M), np.float32)
+        for j, (box, _, ann, k) in enumerate(items):
+            full = self._mask(ann, f"{where} annotation {k}", height, width, box)
+            # crop (one pixel of margin) before roi_align so memory stays O(box), not O(image)
+            x0, y0 = max(int(box[0]) - 1, 0), max(int(box[1]) - 1, 0)
+            x1, y1 = min(int(np.ceil(box[2])) + 1, width), min(int(np.ceil(box[3])) + 1, height)
+            crop = torch.from_numpy(full[y0:y1, x0:x1].astype(np.float32))[None, None]
+            roi = torch.tensor([[0, box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0]], dtype=torch.float32)
+            masks[j] = roi_align(crop, roi, (M, M), spatial_scale=1.0, sampling_ratio=0, aligned=True)[0, 0].numpy()
+        return Detections(
+            boxes=np.asarray([t[0] for t in items], np.float32).reshape(-1, 4),
+            labels=np.asarray([t[1] for t in items], np.int64), scores=np.ones(len(items), np.float32),
+            masks=masks.clip(0, 1), image_size=(height, width),
+            proposals=grid_boxes(height, width, self.grid_levels),
+        )
+
+    def _box_label(self, ann: dict, where: str, h: int, w: int):
+        try:
+            x, y, bw, bh = (float(v) for v in ann["bbox"])
+            label = int(ann["category_id"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise DetectorError(f"{where}: needs bbox [x, y, w, h] and category_id ({type(e).__name__}: {e})") from None
+        if not 0 <= label < len(self.class_names):
+            raise DetectorError(f"{where}: category_id {label} is not an index into {len(self.class_names)} classes")
+        if not np.isfinite([x, y, bw, bh]).all() or bw < 0 or bh < 0:
+            raise DetectorError(f"{where}: invalid bbox {ann['bbox']}")
+        box = np.array([x, y, x + bw, y + bh], np.float32)
+        box[0::2], box[1::2] = box[0::2].clip(0, w), box[1::2].clip(0, h)
+        if box[2] <= box[0] or box[3] <= box[1]:
+            return None, label  # zero area inside the image
+        return box, label
+
+    @staticmethod
+    def _mask(ann: dict, where: str, h: int, w: int, box: np.ndarray) -> np.ndarray:
+        from pycocotools import mask as cocomask
+
+        seg = ann.get("segmentation")
+        if not seg:
+            full = np.zeros((h, w), np.uint8)
+            full[int(box[1]):int(np.ceil(box[3])), int(box[0]):int(np.ceil(box[2]))] = 1
+            return full
+        try:
+            if isinstance(seg, list):  # polygons
+                rle = cocomask.merge(cocomask.frPyObjects(seg, h, w))
+            elif isinstance(seg, dict) and isinstance(seg.get("counts"), list):  # uncompressed RLE
+                rle = cocomask.frPyObjects(seg, *seg["size"])
+            elif isinstance(seg, dict):  # compressed RLE
+                counts = seg["counts"]
+                rle = {"size": seg["size"], "counts": counts.encode() if isinstance(counts, str) else counts}
+            else:
+                raise TypeError(f"unsupported segmentation of type {type(seg).__name__}")
+            if list(rle["size"]) != [h, w]:
+                raise ValueError(f"RLE size {list(rle['size'])} differs from the image's {[h, w]}")
+            return cocomask.decode(rle)
+        except Exception as e:
+            raise DetectorError(f"{where}: bad segmentation ({type(e).__name__}: {e})") from None

@@ -1,0 +1,308 @@
+"""Class-word matching: which caption words name which detector class (METHODS.md section 5).
+
+Seed 000 (section 3.2) treats a detected object as *critical* when its class label "was included in the
+word tokens of the caption". We match whole words and multi-word names ("teddy bear", "traffic light"),
+singular and plural (regular -s/-es/-ies and irregular forms), case-insensitively, against the class
+names plus a curated synonym table (``class_words.txt`` beside this module). ``mode="exact"`` matches the
+class names (and their plurals) only, for parity with the paper's wording.
+
+Overlapping candidates are resolved longest first, then leftmost: in "a teddy bear" the span
+"teddy bear" wins over "bear". Each match carries a token span (into the Karpathy tokens) and a
+character span (into the raw caption), so a subword tokenizer can map it with its offset mapping.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+from difflib import SequenceMatcher
+from pathlib import Path
+
+CLASS_WORDS_FILE = Path(__file__).with_name("class_words.txt")
+
+# Same word definition as records.karpathy_tokens: runs of ASCII letters/digits; apostrophes and all
+# other characters separate words ("man's" -> "man", "s"). Matching ASCII on the original string keeps
+# character offsets exact (str.lower() may change a string's length for some non-ASCII letters).
+_WORD = re.compile(r"[A-Za-z0-9]+")
+
+# Placeholder names in detector label lists that must never match ("N/A" would match the word "a").
+_PLACEHOLDERS = {"__background__", "n/a", ""}
+
+# Irregular plurals; also applied to compounds ending in the word (policeman -> policemen,
+# grandchild -> grandchildren, pocketknife -> pocketknives).
+_IRREGULAR = {
+    "person": ("people", "persons"),
+    "man": ("men",),
+    "woman": ("women",),
+    "child": ("children",),
+    "mouse": ("mice",),
+    "knife": ("knives",),
+    "goose": ("geese",),
+    "foot": ("feet",),
+    "tooth": ("teeth",),
+    "ox": ("oxen",),
+    "calf": ("calves",),
+    "leaf": ("leaves",),
+    "loaf": ("loaves",),
+    "shelf": ("shelves",),
+    "wolf": ("wolves",),
+    "half": ("halves",),
+    "wife": ("wives",),
+    "life": ("lives",),
+    "scarf": ("scarves", "scarfs"),
+    "cactus": ("cacti", "cactuses"),
+}
+# Words whose plural is the word itself (or that are plural already).
+_INVARIANT = {
+    "sheep", "fish", "deer", "moose", "bison", "aircraft", "watercraft", "hovercraft", "spacecraft",
+    "people", "children", "men", "women", "oxen", "cattle", "scissors", "skis", "police", "luggage",
+    "series", "species", "broccoli",
+}  # fmt: skip
+
+
+def plural_forms(word: str) -> set[str]:
+    """Plural forms of one lowercase word (over-generating is harmless: only whole words match)."""
+    if word in _INVARIANT:
+        return {word}
+    forms: set[str] = set()
+    for singular, plurals in _IRREGULAR.items():
+        if word.endswith(singular):
+            stem = word[: len(word) - len(singular)]
+            forms.update(stem + p for p in plurals)
+    if word.endswith(("s", "x", "z", "ch", "sh")):
+        forms.add(word + "es")
+        if word.endswith("s"):
+            forms.add(word + "ses")  # bus -> busses
+    elif len(word) > 1 and word.endswith("y") and word[-2] not in "aeiou":
+        forms.add(word[:-1] + "ies")
+    elif word.endswith("o"):
+        forms.update((word + "s", word + "es"))
+    else:
+        forms.add(word + "s")
+    return forms
+
+
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(w.lower() for w in _WORD.findall(text))
+
+
+def phrase_forms(phrase: str) -> set[tuple[str, ...]]:
+    """The phrase and its plurals (the head noun, i.e. the last word, inflected), as word tuples."""
+    words = _words(phrase)
+    if not words:
+        return set()
+    return {words} | {words[:-1] + (p,) for p in plural_forms(words[-1])}
+
+
+@dataclass(frozen=True)
+class Match:
+    """One caption span naming a class.
+
+    ``token_start``/``token_end`` (exclusive) index the caption's tokens; ``char_start``/``char_end``
+    (exclusive) index the raw caption, or are -1 when the tokens could not be aligned to the raw text.
+    ``label`` indexes the matcher's ``class_names``; ``words`` is the matched text, lowercased.
+    """
+
+    token_start: int
+    token_end: int
+    char_start: int
+    char_end: int
+    label: int
+    words: str
+
+
+def load_class_words(path: str | Path = CLASS_WORDS_FILE) -> dict[str, list[str]]:
+    """Read a class-word table: ``class name, word, word, ...`` per line, ``#`` comments.
+
+    Returns ``{class_name: [words...]}`` in file order (the class name itself not repeated). Repeats
+    within a line are dropped; a class listed twice or a word under two classes is a ``ValueError``
+    naming the file and line.
+    """
+    path = Path(path)
+    table: dict[str, list[str]] = {}
+    owner: dict[str, tuple[str, int]] = {}  # normalised word -> (class, line)
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        items = [" ".join(x.split()) for x in line.split(",")]
+        items = [x for x in items if x]
+        name = items[0]
+        if name in table:
+            raise ValueError(f"{path}:{lineno}: class {name!r} is listed twice")
+        words: list[str] = []
+        for item in items:
+            key = " ".join(_words(item))
+            if not key:
+                raise ValueError(f"{path}:{lineno}: entry {item!r} has no letters or digits")
+            if key in owner:
+                other, other_line = owner[key]
+                if other != name:
+                    raise ValueError(
+                        f"{path}:{lineno}: {item!r} is listed under {name!r} and under {other!r} "
+                        f"(line {other_line}); a word may name one class only"
+                    )
+                continue  # repeated within the line
+            owner[key] = (name, lineno)
+            if item != name:
+                words.append(item)
+        table[name] = words
+    return table
+
+
+class ClassWordMatcher:
+    """Finds class names and their synonyms in captions.
+
+    ``class_names`` is the detector's label list (``Match.label`` indexes it; placeholder entries such
+    as ``"__background__"`` and ``"N/A"`` never match). ``synonyms`` maps class names to extra words or
+    phrases; ``mode="exact"`` ignores it. A phrase claimed by two classes is a ``ValueError``, except
+    that a listed phrase beats a generated plural form ("glasses" listed vs. the plural of "glass").
+    """
+
+    def __init__(
+        self,
+        class_names: list[str],
+        synonyms: dict[str, list[str]] | None = None,
+        mode: str = "synonyms",
+    ):
+        if mode not in ("synonyms", "exact"):
+            raise ValueError(f"matching mode must be 'synonyms' or 'exact', got {mode!r}")
+        self.class_names = list(class_names)
+        self.mode = mode
+        index = {n: i for i, n in enumerate(self.class_names) if n.strip().lower() not in _PLACEHOLDERS}
+        unknown = sorted(set(synonyms or {}) - set(index))
+        if unknown:
+            raise ValueError(f"synonyms given for classes not in class_names: {unknown}")
+        # word tuple -> (label, listed): listed phrases beat generated plural forms.
+        self._table: dict[tuple[str, ...], tuple[int, bool]] = {}
+        for name, label in index.items():
+            phrases = [name]
+            if mode == "synonyms":
+                phrases += list((synonyms or {}).get(name, []))
+            for phrase in phrases:
+                words = _words(phrase)
+                if not words:
+                    raise ValueError(f"class {name!r}: phrase {phrase!r} has no letters or digits")
+                # the listed form first, then sorted: errors and the table do not depend on set order
+                for form in sorted(phrase_forms(phrase), key=lambda f: (f != words, f)):
+                    self._add(form, label, listed=form == words)
+        self._max_len = max((len(k) for k in self._table), default=0)
+
+    def _add(self, form: tuple[str, ...], label: int, listed: bool) -> None:
+        old = self._table.get(form)
+        if old is None or (listed and not old[1]):
+            self._table[form] = (label, listed)
+        elif old[0] != label and listed == old[1]:
+            raise ValueError(
+                f"phrase {' '.join(form)!r} would name both {self.class_names[old[0]]!r} and "
+                f"{self.class_names[label]!r}"
+            )
+
+    @classmethod
+    def coco(cls, class_names: list[str] | None = None, mode: str = "synonyms") -> "ClassWordMatcher":
+        """A matcher over COCO class names using the curated ``class_words.txt`` table.
+
+        ``class_names`` defaults to the table's 80 names in torchvision's order; table rows for classes
+        absent from ``class_names`` are ignored (a detector with fewer classes).
+        """
+        table = load_class_words(CLASS_WORDS_FILE)
+        names = list(table) if class_names is None else list(class_names)
+        return cls(names, {n: w for n, w in table.items() if n in names}, mode=mode)
+
+    @property
+    def vocabulary(self) -> dict[str, str]:
+        """Every matchable phrase (with generated plurals) -> its class name."""
+        return {" ".join(k): self.class_names[v[0]] for k, v in sorted(self._table.items())}
+
+    def match(self, raw: str, tokens: list[str] | tuple[str, ...] | None = None) -> list[Match]:
+        """Class-naming spans of one caption, sorted by position.
+
+        Without ``tokens`` the caption is split like Karpathy's tokens (lowercase ASCII letter/digit
+        runs). With ``tokens`` (e.g. a dataset's own Karpathy tokens), matching runs on them and their
+        character spans are found by aligning their characters to the raw caption's letters and digits;
+        where the two disagree (a token that is not in the raw text), that token's matches get
+        ``char_start = char_end = -1`` but keep their token span.
+        """
+        if tokens is None:
+            found = [(m.start(), m.end(), m.group().lower()) for m in _WORD.finditer(raw)]
+            norm = [w for _, _, w in found]
+            spans: list[tuple[int, int] | None] = [(s, e) for s, e, _ in found]
+        else:
+            norm = ["".join(_WORD.findall(t)).lower() for t in tokens]
+            spans = _align(raw, norm)
+
+        n, taken = len(norm), [False] * len(norm)
+        candidates = []
+        for length in range(min(self._max_len, n), 0, -1):
+            for i in range(n - length + 1):
+                hit = self._table.get(tuple(norm[i : i + length]))
+                if hit is not None:
+                    candidates.append((i, i + length, hit[0]))
+        out = []
+        for s, e, label in candidates:  # longest first, then leftmost
+            if any(taken[s:e]):
+                continue
+            taken[s:e] = [True] * (e - s)
+            first, last = spans[s], spans[e - 1]
+            cs, ce = (first[0], last[1]) if first and last else (-1, -1)
+            out.append(Match(s, e, cs, ce, label, " ".join(norm[s:e])))
+        return sorted(out, key=lambda m: m.token_start)
+
+
+def _align(raw: str, tokens: list[str]) -> list[tuple[int, int] | None]:
+    """Character span in ``raw`` of each (normalised) token, ``None`` where it cannot be aligned.
+
+    Works on the letters and digits only, so tokenisations that split or join words differently
+    ("man's" -> "mans" or "man", "s") still align; characters that differ are aligned with difflib.
+    """
+    pos: list[int] = []  # raw offset of each letter/digit
+    for m in _WORD.finditer(raw):
+        pos.extend(range(m.start(), m.end()))
+    raw_chars = "".join(raw[i] for i in pos).lower()
+    tok_chars = "".join(tokens)
+    if raw_chars == tok_chars:
+        where = list(range(len(tok_chars)))
+    else:
+        where = [-1] * len(tok_chars)
+        matcher = SequenceMatcher(None, raw_chars, tok_chars, autojunk=False)
+        for a, b, size in matcher.get_matching_blocks():
+            where[b : b + size] = range(a, a + size)
+    spans: list[tuple[int, int] | None] = []
+    c = 0
+    for t in tokens:
+        first, last = (where[c], where[c + len(t) - 1]) if t else (-1, -1)
+        spans.append((pos[first], pos[last] + 1) if first >= 0 and last >= first else None)
+        c += len(t)
+    return spans
+
+
+def match_statistics(matches_per_caption: list[list[Match]], class_names: list[str], top: int = 20) -> dict:
+    """Per-store matching statistics (METHODS.md section 2).
+
+    ``mean_matched_objects_per_caption``: mean number of *distinct* classes matched in a caption (the
+    ICA paper's "critical objects", 2.3 on its data); ``mean_matched_words_per_caption``: mean number
+    of matched spans; ``captions_with_match``: fraction of captions with at least one match;
+    ``top_words`` / ``top_classes``: the most frequent matched phrases / classes with their counts.
+    """
+    n = len(matches_per_caption)
+    words: Counter[str] = Counter()
+    classes: Counter[str] = Counter()
+    objects = spans = with_match = 0
+    for i, ms in enumerate(matches_per_caption):
+        for m in ms:
+            if not 0 <= m.label < len(class_names):
+                raise ValueError(f"caption {i}: match label {m.label} outside the {len(class_names)} classes")
+            words[m.words] += 1
+            classes[class_names[m.label]] += 1
+        objects += len({m.label for m in ms})
+        spans += len(ms)
+        with_match += bool(ms)
+    return {
+        "captions": n,
+        "mean_matched_objects_per_caption": objects / n if n else 0.0,
+        "mean_matched_words_per_caption": spans / n if n else 0.0,
+        "captions_with_match": with_match / n if n else 0.0,
+        "top_words": words.most_common(top),
+        "top_classes": classes.most_common(top),
+    }

@@ -1,0 +1,118 @@
+"""Build stage one's models from a config, and run them on a batch of decoded images."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ...pipeline.records import Dataset, ImageRecord
+from .config import ExtractConfig
+from .detectors import DETECTORS, Detections
+from .features import FeatureExtractor, grid_features, region_features, select_regions, to_float16_checked
+from .matching import ClassWordMatcher, load_class_words
+from .rows import RowOutput
+
+
+@dataclass
+class ExtractionModels:
+    cfg: ExtractConfig
+    detector: object | None
+    extractor: FeatureExtractor | None
+    matcher: ClassWordMatcher | None
+    class_names: list[str]
+    class_words_source: str
+
+    @property
+    def dims(self) -> dict:
+        return {"region_dim": 2048, "grid_dim": 2048}
+
+    def describe(self) -> dict:
+        return {
+            "detector": self.detector.config() if self.detector is not None else None,
+            "features": self.extractor.config() if self.extractor is not None else None,
+            "matching": {"mode": self.cfg.match, "class_words": self.class_words_source},
+        }
+
+    @torch.inference_mode()
+    def run(self, images: list[np.ndarray], records: list[ImageRecord]) -> list[RowOutput]:
+        groups, f = set(self.cfg.groups), self.cfg.features
+        outs = [RowOutput() for _ in images]
+        dets: list[Detections] | None = None
+        if self.detector is not None:
+            dets = self.detector.detect(images, records=records)
+            if "instances" in groups:
+                for out, d in zip(outs, dets):
+                    out.inst_boxes, out.inst_labels, out.inst_scores, out.inst_masks = d.boxes, d.labels, d.scores, d.masks
+        if self.extractor is None:
+            return outs
+        device = self.extractor.mean.device
+        with torch.autocast("cuda", dtype=torch.float16, enabled=self.cfg.runtime.amp and device.type == "cuda"):
+            c5 = self.extractor(self.extractor.prepare(images)).float()
+        if "grid" in groups:
+            grid = grid_features(c5, f.grid_size)
+            for k, (out, rec) in enumerate(zip(outs, records)):
+                out.grid_feats = to_float16_checked(grid[k], f"grid features of image {rec.id} ({rec.path})")
+        if "regions" in groups and dets is not None:
+            fixed = f.fixed_regions if f.region_mode == "fixed" else None
+            chosen = [select_regions(d, conf=f.region_conf, min_regions=f.min_regions,
+                                     max_regions=f.max_regions, fixed=fixed) for d in dets]
+            sizes = [img.shape[:2] for img in images]
+            feats = region_features(c5, [c[0] for c in chosen], sizes, self.extractor.input_size)
+            for out, (b, l, s), x, rec in zip(outs, chosen, feats, records):
+                out.reg_boxes, out.reg_labels, out.reg_scores = b, l, s
+                out.reg_feats = to_float16_checked(x, f"region features of image {rec.id} ({rec.path})")
+        return outs
+
+
+def _resolve_class_words(class_names: list[str], dataset: Dataset, explicit: str | Path | None):
+    """Synonym table: an explicit file > ``class_words.txt`` beside the dataset > the curated COCO table."""
+    if explicit is not None:
+        return load_class_words(explicit), str(explicit)
+    beside = [Path(s).parent / "class_words.txt" for s in dataset.sources]
+    for path in beside:
+        if path.is_file():
+            table = load_class_words(path)
+            if set(table) == set(class_names):
+                return table, str(path)
+    curated = load_class_words()
+    if set(class_names) <= set(curated):
+        return curated, "curated COCO table (stages/extract/class_words.txt)"
+    return {}, "class names only (no synonym table found)"
+
+
+def build_models(cfg: ExtractConfig, dataset: Dataset, class_words: str | Path | None = None) -> ExtractionModels:
+    groups, d, f = set(cfg.groups), cfg.detector, cfg.features
+    device = cfg.runtime.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    detector = None
+    if groups & {"instances", "regions", "matches"}:
+        if d.backend == "annotations":
+            if not dataset.classes:
+                raise ValueError(f"detector 'annotations' needs instance annotations; {dataset.name} has none "
+                                 "(pass --instances FILE)")
+            detector = DETECTORS.build("annotations", class_names=dataset.classes, max_instances=d.max_instances)
+        elif d.backend == "torchvision":
+            detector = DETECTORS.build("torchvision", arch=d.arch, weights=d.weights,
+                                       score_threshold=d.score_threshold, max_instances=d.max_instances,
+                                       min_size=d.min_size, max_size=d.max_size, device=device,
+                                       amp=cfg.runtime.amp)
+        else:
+            detector = DETECTORS.build(d.backend, config=d.config_file, weights=d.weights,
+                                       score_threshold=d.score_threshold, max_instances=d.max_instances,
+                                       device=device, amp=cfg.runtime.amp)
+    extractor = None
+    if groups & {"grid", "regions"}:
+        if f.backbone != "resnet101":
+            raise ValueError(f"features.backbone {f.backbone!r}: only resnet101 is supported")
+        extractor = FeatureExtractor(weights=f.weights, input_size=f.input_size).to(device)
+    class_names = list(detector.class_names) if detector is not None else list(dataset.classes or [])
+    matcher, source = None, "none"
+    if "matches" in groups:
+        table, source = _resolve_class_words(class_names, dataset, class_words)
+        synonyms = {c: w for c, w in table.items() if c in class_names}
+        matcher = ClassWordMatcher(class_names, synonyms, mode=cfg.match)
+    return ExtractionModels(cfg, detector, extractor, matcher, class_names, source)

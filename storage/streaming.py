@@ -1,0 +1,324 @@
+"""Streaming training data from a store: a block-aware sampler and map-style datasets.
+
+Reading pattern (why it is fast and memory-flat): a store's arrays are chunked one *block* of rows per
+chunk, and a chunk is decoded whole. :class:`BlockSampler` shuffles the order of blocks, then rows only
+within a window of ``window_blocks`` consecutive blocks, so a batch touches at most a window's blocks.
+The datasets keep a small per-process LRU of decoded blocks (``cache_blocks`` per array), so every
+block is decoded once per window per worker, and memory is O(cache + batch), never O(dataset).
+
+Two datasets:
+
+* :class:`StoreDataset` -- one row per ``__getitem__`` (use with :class:`BlockSampler` and
+  :func:`collate`); simplest, works with any ``batch_size``.
+* :class:`StoreBatchDataset` -- one *batch* per ``__getitem__`` (use with a ``BatchSampler`` and
+  ``batch_size=None``): rows are gathered per block with one fancy-index copy per array into the batch
+  array, no per-row Python work and no collate stacking. This is the fast path; :func:`stream_loader`
+  builds it.
+
+Both take *store row indices* (what :class:`BlockSampler` yields), open the backend lazily in the
+process that reads (the process id is checked, so no file handle crosses a DataLoader fork), and give
+identical batches for any ``num_workers`` because the order is fixed by the sampler.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+
+import numpy as np
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
+
+from .backends import open_backend
+from .errors import StoreError
+from .schema import DONE, split_code
+
+__all__ = ["BlockSampler", "StoreDataset", "StoreBatchDataset", "collate", "stream_loader", "good_rows"]
+
+
+def good_rows(backend, split: str | None = None) -> np.ndarray:
+    """Row indices that are done and have no extraction error, optionally of one split."""
+    keep = np.asarray(backend.read(DONE, slice(None))) == 1
+    keep &= np.asarray(backend.read("images/error", slice(None)), dtype=object) == ""
+    if split is not None:
+        keep &= np.asarray(backend.read("images/split", slice(None))) == split_code(split)
+    return np.flatnonzero(keep)
+
+
+class BlockSampler(Sampler[int]):
+    """Store row indices in block-shuffled, window-shuffled order, sharded across ranks.
+
+    ``rows``: an int N (rows 0..N-1), a bool/uint8 array of done flags (as ``images/done``; rows whose
+    flag is 1), or any other integer array of row indices. Per epoch, with ``rng = default_rng(seed +
+    epoch)``: the blocks holding those rows are permuted, grouped into windows of ``window_blocks``
+    consecutive blocks, and the rows of each window are permuted. The epoch's sequence is split into
+    ``world_size`` contiguous equal parts (so ranks read mostly disjoint blocks); to make them equal it is
+    padded by repeating its start (like ``DistributedSampler``), or with ``drop_last`` cut to a multiple
+    of ``world_size``.
+
+    Resume: ``state_dict()`` gives ``{epoch, seed, position}`` where ``position`` counts indices this
+    rank has yielded in the epoch; a DataLoader prefetches, so save the number of samples the loop has
+    *consumed* instead: ``state_dict(position=batches_done * batch_size)``. ``load_state_dict`` makes the
+    next iteration continue that epoch's exact order from ``position``.
+    """
+
+    def __init__(self, rows, block_size: int, *, shuffle: bool = True, seed: int = 0, window_blocks: int = 4,
+                 rank: int = 0, world_size: int = 1, drop_last: bool = False):
+        if block_size < 1 or window_blocks < 1:
+            raise ValueError(f"block_size and window_blocks must be >= 1, got {block_size}, {window_blocks}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, {world_size})")
+        if isinstance(rows, (int, np.integer)):
+            idx = np.arange(int(rows), dtype=np.int64)
+        else:
+            arr = np.asarray(rows)
+            if arr.ndim != 1:
+                raise ValueError(f"rows must be an int or a 1-D array, got shape {arr.shape}")
+            idx = np.flatnonzero(arr == 1) if arr.dtype in (np.bool_, np.uint8) else np.unique(arr.astype(np.int64))
+        if idx.size and idx[0] < 0:
+            raise ValueError("row indices must be >= 0")
+        self.rows = idx
+        self.block_size, self.window_blocks = int(block_size), int(window_blocks)
+        self.shuffle, self.seed, self.drop_last = shuffle, int(seed), drop_last
+        self.rank, self.world_size = rank, world_size
+        blocks = idx // self.block_size
+        starts = np.flatnonzero(np.r_[True, blocks[1:] != blocks[:-1]]) if idx.size else np.zeros(0, int)
+        self._groups = np.split(idx, starts[1:]) if idx.size else []
+        total = idx.size
+        self.num_samples = total // world_size if drop_last else -(-total // world_size)
+        self.epoch, self.position, self._start = 0, 0, 0
+
+    @classmethod
+    def from_store(cls, url, *, split: str | None = None, storage_options: dict | None = None, **kw):
+        """A sampler over the good (done, error-free) rows of the store at ``url`` (optionally one split)."""
+        backend = open_backend(os.fspath(url), "r", storage_options=storage_options)
+        try:
+            return cls(good_rows(backend, split), backend.chunk_rows(), **kw)
+        finally:
+            backend.close()
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """All rows of ``epoch`` in global order, before sharding."""
+        if not self.shuffle or not self._groups:
+            return self.rows.copy()
+        rng = np.random.default_rng(self.seed + epoch)
+        perm = rng.permutation(len(self._groups))
+        out = []
+        for w in range(0, len(perm), self.window_blocks):
+            window = np.concatenate([self._groups[b] for b in perm[w:w + self.window_blocks]])
+            out.append(window[rng.permutation(window.size)])
+        return np.concatenate(out)
+
+    def rank_order(self, epoch: int) -> np.ndarray:
+        """This rank's rows of ``epoch``, in order."""
+        order = self.epoch_order(epoch)
+        need = self.num_samples * self.world_size
+        order = np.resize(order, need) if order.size else order  # np.resize repeats from the start
+        return order[self.rank * self.num_samples:(self.rank + 1) * self.num_samples]
+
+    def __iter__(self):
+        order = self.rank_order(self.epoch)
+        start, self._start = self._start, 0
+        self.position = start
+        for r in order[start:].tolist():
+            self.position += 1
+            yield r
+
+    def __len__(self) -> int:
+        return self.num_samples - self._start
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use ``epoch``'s order next; a resumed position is kept only if ``epoch`` is the resumed one."""
+        if int(epoch) != self.epoch:
+            self._start = 0
+        self.epoch = int(epoch)
+
+    def state_dict(self, position: int | None = None) -> dict:
+        return {"epoch": self.epoch, "seed": self.seed,
+                "position": int(self.position if position is None else position)}
+
+    def load_state_dict(self, state: dict) -> None:
+        pos = int(state["position"])
+        if not 0 <= pos <= self.num_samples:
+            raise ValueError(f"sampler state position {pos} outside [0, {self.num_samples}]")
+        self.epoch, self.seed, self._start, self.position = int(state["epoch"]), int(state["seed"]), pos, pos
+
+
+class _BlockReader:
+    """Per-process lazy backend plus an LRU of decoded blocks; pickles without handle or cache."""
+
+    def __init__(self, url, fields, storage_options=None, cache_blocks: int = 4):
+        if not fields:
+            raise ValueError("fields must name at least one store array, e.g. ['regions/feats']")
+        self.url = os.fspath(url)
+        self.fields = list(fields)
+        self.storage_options = storage_options
+        self.cache_blocks = max(1, int(cache_blocks))
+        backend = open_backend(self.url, "r", storage_options=storage_options)  # validate now, in the parent
+        try:
+            missing = [f for f in self.fields if not backend.has(f)]
+            if missing:
+                raise StoreError(f"store {self.url} has no array(s) {missing}; arrays: {backend.arrays()}")
+            self.block_size = backend.chunk_rows()
+            self.num_rows = backend.layout.num_rows
+            self.specs = {f: backend.spec(f) for f in self.fields}
+        finally:
+            backend.close()
+        self._reset()
+
+    def _reset(self):
+        self._backend, self._pid, self._cache = None, None, OrderedDict()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.update(_backend=None, _pid=None, _cache=OrderedDict())
+        return state
+
+    def backend(self):
+        if self._pid != os.getpid():  # first use in this process (or a forked copy): open our own handle
+            self._reset()
+            self._backend = open_backend(self.url, "r", storage_options=self.storage_options)
+            self._pid = os.getpid()
+        return self._backend
+
+    def block(self, path: str, b: int) -> np.ndarray:
+        key = (path, b)
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            return hit
+        data = self.backend().read_block(path, b)
+        data.flags.writeable = False  # handed out as views: a caller writing into one must not poison the cache
+        self._cache[key] = data
+        limit = self.cache_blocks * (len(self.fields) + 1)
+        while len(self._cache) > limit:
+            self._cache.popitem(last=False)
+        return data
+
+    def check_done(self, rows: np.ndarray) -> None:
+        for b in np.unique(rows // self.block_size).tolist():
+            sel = rows[rows // self.block_size == b]
+            flags = self.block(DONE, b)[sel - b * self.block_size]
+            if not flags.all():
+                bad = int(sel[np.flatnonzero(flags == 0)[0]])
+                raise StoreError(f"store {self.url}: row {bad} is not extracted yet (images/done is 0)")
+
+    def gather(self, rows: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Rows of every field, regrouped by block (stable): returns (rows in output order, arrays).
+
+        Grouping lets each block's rows be copied with one ``np.take`` straight into a contiguous slice
+        of the batch array: one copy per field, no per-row work.
+        """
+        if rows.size and (rows.min() < 0 or rows.max() >= self.num_rows):
+            raise IndexError(f"store {self.url}: row index out of range [0, {self.num_rows})")
+        rows = rows[np.argsort(rows // self.block_size, kind="stable")]
+        self.check_done(rows)
+        blocks = rows // self.block_size
+        cuts = np.flatnonzero(np.r_[True, blocks[1:] != blocks[:-1], True]) if rows.size else np.zeros(1, int)
+        out = {}
+        for f, spec in self.specs.items():
+            arr = np.empty((rows.size, *spec.row_shape), dtype=object if spec.dtype == "str" else spec.dtype)
+            for s0, s1 in zip(cuts[:-1].tolist(), cuts[1:].tolist()):
+                b = int(blocks[s0])
+                np.take(self.block(f, b), rows[s0:s1] - b * self.block_size, axis=0, out=arr[s0:s1])
+            out[f] = arr
+        return rows, out
+
+
+class StoreDataset(Dataset):
+    """Map-style dataset: ``ds[row]`` -> ``{field: row array, "row": row}`` for a store row index.
+
+    ``rows`` restricts the dataset to those rows (default: every good row); ``len`` is their number and
+    :meth:`sampler` builds the matching :class:`BlockSampler`. Returned arrays are read-only views
+    into the cached block; :func:`collate` stacks them.
+    """
+
+    def __init__(self, url, fields: list[str], *, rows=None, split: str | None = None, cache_blocks: int = 4,
+                 storage_options: dict | None = None):
+        self.reader = _BlockReader(url, fields, storage_options, cache_blocks)
+        if rows is None:
+            backend = open_backend(os.fspath(url), "r", storage_options=storage_options)
+            try:
+                rows = good_rows(backend, split)
+            finally:
+                backend.close()
+        self.rows = np.unique(np.asarray(rows, dtype=np.int64))
+
+    @property
+    def block_size(self) -> int:
+        return self.reader.block_size
+
+    def __len__(self) -> int:
+        return int(self.rows.size)
+
+    def sampler(self, **kw) -> BlockSampler:
+        return BlockSampler(self.rows, self.block_size, **kw)
+
+    def __getitem__(self, row) -> dict:
+        r = int(row)
+        if not 0 <= r < self.reader.num_rows:
+            raise IndexError(f"store {self.reader.url}: row {r} out of range [0, {self.reader.num_rows})")
+        b, off = divmod(r, self.block_size)
+        if not self.reader.block(DONE, b)[off]:
+            raise StoreError(f"store {self.reader.url}: row {r} is not extracted yet (images/done is 0)")
+        out = {f: self.reader.block(f, b)[off] for f in self.reader.fields}
+        out["row"] = r
+        return out
+
+
+class StoreBatchDataset(StoreDataset):
+    """Batch-level dataset: ``ds[[r0, r1, ...]]`` -> ``{field: (B, ...) array, "row": (B,) int64}``.
+
+    The batch holds exactly the rows asked for, ordered by block (stable within a block; ``"row"``
+    says which is which) so each block is copied in one piece. Use with ``DataLoader(ds, batch_size=None, sampler=BatchSampler(block_sampler, B, drop_last))``
+    (:func:`stream_loader` does this): one worker builds a whole batch with one copy per array per block.
+    """
+
+    def __getitem__(self, rows) -> dict:
+        idx, out = self.reader.gather(np.asarray(rows, dtype=np.int64).reshape(-1))
+        out["row"] = idx
+        return out
+
+
+def _to_torch(x):
+    if isinstance(x, np.ndarray) and x.dtype != object:
+        return torch.from_numpy(np.ascontiguousarray(x))
+    return x
+
+
+def collate(items: list[dict]) -> dict:
+    """Stack per-row dicts: numeric fields -> tensors (B, ...), string fields -> object arrays (B, ...)."""
+    if not items:
+        raise ValueError("collate got an empty batch")
+    out = {}
+    for key in items[0]:
+        vals = [it[key] for it in items]
+        if isinstance(vals[0], np.ndarray) and vals[0].dtype == object:
+            out[key] = np.stack(vals)
+        else:
+            out[key] = torch.from_numpy(np.stack([np.asarray(v) for v in vals]))
+    return out
+
+
+def _batch_to_torch(batch: dict) -> dict:
+    return {k: _to_torch(v) for k, v in batch.items()}
+
+
+def stream_loader(url, fields: list[str], batch_size: int, *, split: str | None = None, rows=None,
+                  shuffle: bool = True, seed: int = 0, window_blocks: int = 4, rank: int = 0, world_size: int = 1,
+                  drop_last: bool = False, num_workers: int = 0, storage_options: dict | None = None,
+                  **loader_kw) -> tuple[DataLoader, BlockSampler]:
+    """A DataLoader of batches ``{field: tensor (B, ...) | object array, "row": tensor}`` and its sampler.
+
+    Call ``sampler.set_epoch(e)`` each epoch; save ``sampler.state_dict(position=batches * batch_size)``
+    to resume mid-epoch. Workers each open the store themselves; batches are the same for any
+    ``num_workers``.
+    """
+    ds = StoreBatchDataset(url, fields, rows=rows, split=split, cache_blocks=window_blocks,
+                           storage_options=storage_options)
+    sampler = ds.sampler(shuffle=shuffle, seed=seed, window_blocks=window_blocks, rank=rank,
+                         world_size=world_size, drop_last=drop_last)
+    loader = DataLoader(ds, batch_size=None, sampler=BatchSampler(sampler, batch_size, drop_last),
+                        num_workers=num_workers, collate_fn=_batch_to_torch,
+                        persistent_workers=num_workers > 0, **loader_kw)
+    return loader, sampler
