@@ -17,7 +17,8 @@ target: an HDF5 file cannot survive a SIGKILL mid-write nor take several writer 
 staging store can (same block protocol: arrays first, ``done`` last; resumable; ranks own disjoint
 blocks). When every block is done, :func:`pack_hdf5` copies the staging store (checking every chunk's
 crc32c on the way) into ``<file>.tmp-<pid>-<id>``, renames it atomically to ``<file>`` and removes the
-staging directory. A ``<file>.packing`` directory is the lock that makes exactly one process pack.
+staging directory (the writer holds an exclusive ``flock`` on the staging directory meanwhile, so
+exactly one process packs; a killed packer leaves only its temp file, removed by the next one).
 ``open_backend`` on an ``.h5`` path that only has its staging directory says the store is still being
 written and how many blocks are done.
 
@@ -28,7 +29,6 @@ Backends pickle as ``(url, mode)`` and reopen lazily, so no file handle crosses 
 from __future__ import annotations
 
 import abc
-import contextlib
 import copy
 import json
 import os
@@ -44,13 +44,25 @@ import numpy as np
 import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec, VLenUTF8Codec, ZstdCodec
 
-from .errors import CorruptChunkError, ReadOnlyStoreError, SchemaVersionError, StoreError, StoreNotFoundError
+from .errors import (
+    CorruptChunkError,
+    ReadOnlyStoreError,
+    SchemaVersionError,
+    StoreBeingCreatedError,
+    StoreError,
+    StoreNotFoundError,
+)
 from .schema import DONE, FORMAT_NAME, SCHEMA_VERSION, STR, ArraySpec, Layout
 
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
 HDF5_ATTRS = "vlcache_attrs"  # the HDF5 root attribute holding the JSON root attributes
 CREATING = "vlcache_creating"  # root attribute present only while a store is being created
 MODES = ("r", "r+")
+
+# vlcache relies on consolidated metadata (one request to open a remote store) on purpose; zarr warns on
+# every consolidation that v3 has not standardised it yet. Set once here: a warnings.catch_warnings()
+# per call is not thread-safe, and zarr emits the warning from its own event-loop thread.
+warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part", category=UserWarning)
 
 
 # ----------------------------------------------------------------------------------------------- urls
@@ -86,13 +98,16 @@ def to_jsonable(obj: Any, where: str = "attrs") -> Any:
             return os.fspath(o)
         raise TypeError(f"{where}: value of type {type(o).__name__} is not JSON-serialisable: {o!r}")
 
-    return json.loads(json.dumps(obj, default=default, allow_nan=False))
+    try:
+        return json.loads(json.dumps(obj, default=default, allow_nan=False))
+    except ValueError as e:  # NaN/inf: not valid JSON, and would not compare equal on resume
+        raise ValueError(f"{where}: {e}") from None
 
 
 def check_root_attrs(url: str, attrs: dict) -> Layout:
     """Validate root attributes of a store at ``url``; return its layout."""
     if attrs.get(CREATING):
-        raise StoreNotFoundError(f"store {url} is still being created (or its creation was interrupted)")
+        raise StoreBeingCreatedError(f"store {url} is still being created (or its creation was interrupted)")
     fmt = attrs.get("format")
     if fmt != FORMAT_NAME:
         raise StoreError(f"{url} is not a vlcache store (format attribute is {fmt!r}, expected {FORMAT_NAME!r})")
@@ -315,14 +330,6 @@ class Backend(abc.ABC):
 
 
 # ----------------------------------------------------------------------------------------------- Zarr
-@contextlib.contextmanager
-def _quiet():
-    """Silence zarr's notice that consolidated metadata is not yet in the v3 spec (we rely on it)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-        yield
-
-
 def _zarr_store(url: str, read_only: bool, storage_options: dict | None):
     if is_local(url):
         return zarr.storage.LocalStore(local_path(url), read_only=read_only)
@@ -343,8 +350,7 @@ class ZarrBackend(Backend):
         self._arrays: dict[str, zarr.Array] = {}
         try:
             self._store = _zarr_store(self.url, self.mode == "r", self.storage_options)
-            with _quiet():
-                self._group = zarr.open_group(self._store, mode=self.mode)
+            self._group = zarr.open_group(self._store, mode=self.mode)
         except (FileNotFoundError, NotADirectoryError, zarr.errors.BaseZarrError) as e:
             raise StoreNotFoundError(f"no vlcache store at {self.url} ({type(e).__name__}: {e})") from e
 
@@ -358,9 +364,8 @@ class ZarrBackend(Backend):
 
     def _raw_put_attrs(self, attrs: dict):
         self._group.attrs.put(attrs)
-        with _quiet():
-            zarr.consolidate_metadata(self._store)
-            self._group = zarr.open_group(self._store, mode=self.mode)
+        zarr.consolidate_metadata(self._store)
+        self._group = zarr.open_group(self._store, mode=self.mode)
         self._arrays = {}
 
     def _raw_arrays(self) -> list[str]:
@@ -608,21 +613,43 @@ def zarr_store_exists(url: str, storage_options: dict | None = None) -> bool:
     return fs.exists(path.rstrip("/") + "/zarr.json")
 
 
+def _ours_zarr(fs, path: str) -> bool:
+    """Whether ``path`` holds a vlcache zarr store (finished, or one whose creation was interrupted)."""
+    try:
+        attrs = json.loads(fs.cat(path.rstrip("/") + "/zarr.json")).get("attributes", {})
+    except (FileNotFoundError, ValueError):
+        return False
+    return attrs.get("format") == FORMAT_NAME or bool(attrs.get(CREATING))
+
+
+def _ours_hdf5(path: str) -> bool:
+    try:
+        with h5py.File(path, "r") as f:
+            return HDF5_ATTRS in f.attrs
+    except OSError:
+        return False
+
+
 def remove_store(url: str, storage_options: dict | None = None) -> None:
-    """Delete a store and everything an interrupted write of it may have left (staging, temp files)."""
+    """Delete a store and what an interrupted write of it may have left (staging, temp files).
+
+    Refuses to delete anything that is not a vlcache store (an empty directory is fine).
+    """
     kind = backend_kind(url)
     zurl = staging_url(url) if kind == "hdf5" else str(url)
     fs, path = url_to_fs(zurl, storage_options)
     if fs.exists(path):
-        if not fs.exists(path.rstrip("/") + "/zarr.json") and fs.ls(path):
+        if fs.ls(path) and not _ours_zarr(fs, path):
             raise StoreError(f"{zurl} exists and is not a vlcache store; refusing to delete it")
         fs.rm(path, recursive=True)
     if kind == "hdf5":
         target = Path(local_path(url))
-        for p in [target, *target.parent.glob(target.name + ".tmp-*")]:
-            if p.is_file():
-                p.unlink()
-        shutil.rmtree(str(target) + ".packing", ignore_errors=True)
+        if target.exists():
+            if not _ours_hdf5(str(target)):
+                raise StoreError(f"{url} exists and is not a vlcache HDF5 store; refusing to delete it")
+            target.unlink()
+        for tmp in target.parent.glob(target.name + ".tmp-*"):
+            tmp.unlink()
 
 
 def create_backend(
@@ -657,6 +684,5 @@ def create_backend(
     for spec in layout.specs():
         create_zarr_array(group, spec, layout)
     group.attrs.put(root)
-    with _quiet():
-        zarr.consolidate_metadata(store)
+    zarr.consolidate_metadata(store)
     return ZarrBackend(zurl, "r+", storage_options)

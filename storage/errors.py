@@ -11,6 +11,10 @@ class StoreNotFoundError(StoreError):
     """The url/path is not a vlcache store (or not yet a finished one)."""
 
 
+class StoreBeingCreatedError(StoreNotFoundError):
+    """The store's creation is in progress, or was interrupted (a writer redoes it)."""
+
+
 class SchemaVersionError(StoreError):
     """The store was written by a newer vlcache than this one."""
 

@@ -17,6 +17,9 @@ Tree (``N`` images, capacities from :class:`Capacities`)::
     grid/      feats (N,G*G,D_g) float16           -- grid features (Show-Attend-Tell input)
     matches/   count (N,C) int16, span (N,C,K,4) int32, label (N,C,K) int16
                span = (token_start, token_end_exclusive, char_start, char_end_exclusive)
+    text/      hidden (N,C,L,H) float16, mask (N,C,L) uint8, offsets (N,C,L,2) int32
+                                                   -- a text cache: frozen BERT outputs per caption,
+                                                      usually in its own store, row-aligned to the main one
 
 Boxes are ``x1, y1, x2, y2`` in original image pixels. Padding: labels -1, everything else 0.
 ``images/done`` is written after every other array of its block; readers treat rows whose ``done`` is
@@ -49,6 +52,8 @@ class Capacities:
     grid_size: int = 14  # G: grid is G x G
     grid_dim: int = 2048  # D_g
     matches: int = 8  # K: matched word spans per caption
+    text_len: int = 32  # L: subword tokens per caption in a text cache
+    text_dim: int = 384  # H: frozen text-encoder width in a text cache
 
 
 @dataclass(frozen=True)
@@ -74,12 +79,14 @@ class ArraySpec:
 # Groups that every store has, and the optional feature groups extraction may add.
 CORE_GROUPS = ("images", "captions")
 OPTIONAL_GROUPS = ("instances", "regions", "grid", "matches")
+TEXT_GROUP = "text"
 DONE = "images/done"
 
 
 def array_specs(cap: Capacities, groups: tuple[str, ...] = CORE_GROUPS + OPTIONAL_GROUPS) -> list[ArraySpec]:
     """All arrays of a store holding ``groups``, ``images/done`` last (it is written last)."""
     C, I, M, R, K = cap.captions, cap.instances, cap.mask_size, cap.regions, cap.matches
+    L, H = cap.text_len, cap.text_dim
     table = {
         "images": [
             ArraySpec("images/id", (), STR),
@@ -114,6 +121,11 @@ def array_specs(cap: Capacities, groups: tuple[str, ...] = CORE_GROUPS + OPTIONA
             ArraySpec("matches/count", (C,), "int16"),
             ArraySpec("matches/span", (C, K, 4), "int32"),
             ArraySpec("matches/label", (C, K), "int16", -1),
+        ],
+        "text": [
+            ArraySpec("text/hidden", (C, L, H), "float16"),
+            ArraySpec("text/mask", (C, L), "uint8"),
+            ArraySpec("text/offsets", (C, L, 2), "int32"),
         ],
     }
     unknown = set(groups) - set(table)

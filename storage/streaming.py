@@ -4,7 +4,8 @@ Reading pattern (why it is fast and memory-flat): a store's arrays are chunked o
 chunk, and a chunk is decoded whole. :class:`BlockSampler` shuffles the order of blocks, then rows only
 within a window of ``window_blocks`` consecutive blocks, so a batch touches at most a window's blocks.
 The datasets keep a small per-process LRU of decoded blocks (``cache_blocks`` per array), so every
-block is decoded once per window per worker, and memory is O(cache + batch), never O(dataset).
+block is decoded once per window per worker, and memory is O(cache + batch), never O(dataset). With
+``lanes`` the sampler deals whole windows to DataLoader workers, so each block is decoded by one worker.
 
 Two datasets:
 
@@ -24,16 +25,18 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, get_worker_info
 
 from .backends import open_backend
 from .errors import StoreError
-from .schema import DONE, split_code
+from .schema import DONE, STR, split_code
 
-__all__ = ["BlockSampler", "StoreDataset", "StoreBatchDataset", "collate", "stream_loader", "good_rows"]
+__all__ = ["BlockSampler", "StoreDataset", "StoreBatchDataset", "collate", "identity_collate", "stream_loader",
+           "good_rows"]
 
 
 def good_rows(backend, split: str | None = None) -> np.ndarray:
@@ -56,6 +59,12 @@ class BlockSampler(Sampler[int]):
     padded by repeating its start (like ``DistributedSampler``), or with ``drop_last`` cut to a multiple
     of ``world_size``.
 
+    Lanes (for DataLoader workers): with ``lanes=L > 1`` a rank's windows are dealt round-robin to ``L``
+    lanes and the lanes are interleaved ``batch_size`` rows at a time. A DataLoader hands batch ``i`` to
+    worker ``i % num_workers``, so with ``L == num_workers`` every worker reads only its own lane's
+    blocks and decodes each block once, instead of every worker decoding every block. The order depends
+    on ``lanes`` and ``batch_size`` only, never on how many workers actually read it.
+
     Resume: ``state_dict()`` gives ``{epoch, seed, position}`` where ``position`` counts indices this
     rank has yielded in the epoch; a DataLoader prefetches, so save the number of samples the loop has
     *consumed* instead: ``state_dict(position=batches_done * batch_size)``. ``load_state_dict`` makes the
@@ -63,9 +72,13 @@ class BlockSampler(Sampler[int]):
     """
 
     def __init__(self, rows, block_size: int, *, shuffle: bool = True, seed: int = 0, window_blocks: int = 4,
-                 rank: int = 0, world_size: int = 1, drop_last: bool = False):
-        if block_size < 1 or window_blocks < 1:
-            raise ValueError(f"block_size and window_blocks must be >= 1, got {block_size}, {window_blocks}")
+                 rank: int = 0, world_size: int = 1, drop_last: bool = False, lanes: int = 1,
+                 batch_size: int | None = None):
+        if block_size < 1 or window_blocks < 1 or lanes < 1:
+            raise ValueError(f"block_size, window_blocks and lanes must be >= 1, got {block_size}, "
+                             f"{window_blocks}, {lanes}")
+        if lanes > 1 and not batch_size:
+            raise ValueError("lanes > 1 needs batch_size (the rows a lane contributes at a time)")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, {world_size})")
         if isinstance(rows, (int, np.integer)):
@@ -81,6 +94,7 @@ class BlockSampler(Sampler[int]):
         self.block_size, self.window_blocks = int(block_size), int(window_blocks)
         self.shuffle, self.seed, self.drop_last = shuffle, int(seed), drop_last
         self.rank, self.world_size = rank, world_size
+        self.lanes, self.batch_size = int(lanes), int(batch_size or 0)
         blocks = idx // self.block_size
         starts = np.flatnonzero(np.r_[True, blocks[1:] != blocks[:-1]]) if idx.size else np.zeros(0, int)
         self._groups = np.split(idx, starts[1:]) if idx.size else []
@@ -97,24 +111,43 @@ class BlockSampler(Sampler[int]):
         finally:
             backend.close()
 
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        """All rows of ``epoch`` in global order, before sharding."""
-        if not self.shuffle or not self._groups:
-            return self.rows.copy()
+    def _windows(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """All rows of ``epoch`` in global order, and the window number of each."""
+        if not self._groups:
+            return self.rows.copy(), np.zeros(0, np.int64)
         rng = np.random.default_rng(self.seed + epoch)
-        perm = rng.permutation(len(self._groups))
-        out = []
+        perm = rng.permutation(len(self._groups)) if self.shuffle else np.arange(len(self._groups))
+        out, wid = [], []
         for w in range(0, len(perm), self.window_blocks):
             window = np.concatenate([self._groups[b] for b in perm[w:w + self.window_blocks]])
-            out.append(window[rng.permutation(window.size)])
-        return np.concatenate(out)
+            out.append(window[rng.permutation(window.size)] if self.shuffle else window)
+            wid.append(np.full(window.size, w // self.window_blocks))
+        return np.concatenate(out), np.concatenate(wid)
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """All rows of ``epoch`` in global order, before sharding (and before lanes)."""
+        return self._windows(epoch)[0]
 
     def rank_order(self, epoch: int) -> np.ndarray:
-        """This rank's rows of ``epoch``, in order."""
-        order = self.epoch_order(epoch)
+        """This rank's rows of ``epoch``, in the order they are yielded."""
+        order, wid = self._windows(epoch)
         need = self.num_samples * self.world_size
-        order = np.resize(order, need) if order.size else order  # np.resize repeats from the start
-        return order[self.rank * self.num_samples:(self.rank + 1) * self.num_samples]
+        if order.size:  # np.resize repeats from the start: the DistributedSampler-style padding
+            order, wid = np.resize(order, need), np.resize(wid, need)
+        part = slice(self.rank * self.num_samples, (self.rank + 1) * self.num_samples)
+        order, wid = order[part], wid[part]
+        if self.lanes == 1 or order.size == 0:
+            return order
+        # Pieces = runs of one window; piece j goes to lane j % lanes; lanes take turns, batch_size rows each.
+        cuts = np.flatnonzero(np.r_[True, wid[1:] != wid[:-1], True])
+        lanes = [[] for _ in range(self.lanes)]
+        for j, (a, b) in enumerate(zip(cuts[:-1], cuts[1:])):
+            lanes[j % self.lanes].append(order[a:b])
+        streams = [np.concatenate(x) if x else order[:0] for x in lanes]
+        k, out = self.batch_size, []
+        for c in range(0, max(s.size for s in streams), k):
+            out += [s[c:c + k] for s in streams if c < s.size]
+        return np.concatenate(out)
 
     def __iter__(self):
         order = self.rank_order(self.epoch)
@@ -147,13 +180,14 @@ class BlockSampler(Sampler[int]):
 class _BlockReader:
     """Per-process lazy backend plus an LRU of decoded blocks; pickles without handle or cache."""
 
-    def __init__(self, url, fields, storage_options=None, cache_blocks: int = 4):
+    def __init__(self, url, fields, storage_options=None, cache_blocks: int = 4, threads: int = 2):
         if not fields:
             raise ValueError("fields must name at least one store array, e.g. ['regions/feats']")
         self.url = os.fspath(url)
         self.fields = list(fields)
         self.storage_options = storage_options
         self.cache_blocks = max(1, int(cache_blocks))
+        self.threads = max(1, int(threads))
         backend = open_backend(self.url, "r", storage_options=storage_options)  # validate now, in the parent
         try:
             missing = [f for f in self.fields if not backend.has(f)]
@@ -167,11 +201,11 @@ class _BlockReader:
         self._reset()
 
     def _reset(self):
-        self._backend, self._pid, self._cache = None, None, OrderedDict()
+        self._backend, self._pid, self._cache, self._pool = None, None, OrderedDict(), None
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state.update(_backend=None, _pid=None, _cache=OrderedDict())
+        state.update(_backend=None, _pid=None, _cache=OrderedDict(), _pool=None)
         return state
 
     def backend(self):
@@ -182,18 +216,33 @@ class _BlockReader:
         return self._backend
 
     def block(self, path: str, b: int) -> np.ndarray:
-        key = (path, b)
-        hit = self._cache.get(key)
-        if hit is not None:
-            self._cache.move_to_end(key)
-            return hit
-        data = self.backend().read_block(path, b)
-        data.flags.writeable = False  # handed out as views: a caller writing into one must not poison the cache
-        self._cache[key] = data
+        return self.blocks(path, [b])[b]
+
+    def blocks(self, path: str, wanted: list[int]) -> dict[int, np.ndarray]:
+        """Decoded blocks of ``path``; the missing ones are read concurrently (Zarr's codecs release the
+        GIL, so a new window's blocks decode on several cores; HDF5 reads serialise in h5py anyway)."""
+        out, missing = {}, []
+        for b in wanted:
+            hit = self._cache.get((path, b))
+            if hit is None:
+                missing.append(b)
+            else:
+                self._cache.move_to_end((path, b))
+                out[b] = hit
+        backend = self.backend()
+        if len(missing) > 1 and self.threads > 1 and backend.kind == "zarr":
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="vlcache-read")
+            loaded = list(self._pool.map(lambda b: backend.read_block(path, b), missing))
+        else:
+            loaded = [backend.read_block(path, b) for b in missing]
         limit = self.cache_blocks * (len(self.fields) + 1)
-        while len(self._cache) > limit:
-            self._cache.popitem(last=False)
-        return data
+        for b, data in zip(missing, loaded):
+            data.flags.writeable = False  # handed out as views: a caller's write must not poison the cache
+            self._cache[(path, b)] = out[b] = data
+            while len(self._cache) > limit:
+                self._cache.popitem(last=False)
+        return out
 
     def check_done(self, rows: np.ndarray) -> None:
         for b in np.unique(rows // self.block_size).tolist():
@@ -203,11 +252,13 @@ class _BlockReader:
                 bad = int(sel[np.flatnonzero(flags == 0)[0]])
                 raise StoreError(f"store {self.url}: row {bad} is not extracted yet (images/done is 0)")
 
-    def gather(self, rows: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def gather(self, rows: np.ndarray) -> tuple[np.ndarray, dict]:
         """Rows of every field, regrouped by block (stable): returns (rows in output order, arrays).
 
         Grouping lets each block's rows be copied with one ``np.take`` straight into a contiguous slice
-        of the batch array: one copy per field, no per-row work.
+        of the batch array: one copy per field, no per-row work. Numeric fields come back as tensors;
+        inside a DataLoader worker they are allocated in shared memory, so sending the batch to the main
+        process copies nothing more (the same trick as torch's default collate).
         """
         if rows.size and (rows.min() < 0 or rows.max() >= self.num_rows):
             raise IndexError(f"store {self.url}: row index out of range [0, {self.num_rows})")
@@ -215,14 +266,29 @@ class _BlockReader:
         self.check_done(rows)
         blocks = rows // self.block_size
         cuts = np.flatnonzero(np.r_[True, blocks[1:] != blocks[:-1], True]) if rows.size else np.zeros(1, int)
+        shared = get_worker_info() is not None
         out = {}
         for f, spec in self.specs.items():
-            arr = np.empty((rows.size, *spec.row_shape), dtype=object if spec.dtype == "str" else spec.dtype)
+            shape = (rows.size, *spec.row_shape)
+            if spec.dtype == STR:
+                tensor, arr = None, np.empty(shape, dtype=object)
+            else:
+                tensor = _empty_tensor(shape, np.dtype(spec.dtype), shared)
+                arr = tensor.numpy()
+            data = self.blocks(f, blocks[cuts[:-1]].tolist())
             for s0, s1 in zip(cuts[:-1].tolist(), cuts[1:].tolist()):
                 b = int(blocks[s0])
-                np.take(self.block(f, b), rows[s0:s1] - b * self.block_size, axis=0, out=arr[s0:s1])
-            out[f] = arr
+                np.take(data[b], rows[s0:s1] - b * self.block_size, axis=0, out=arr[s0:s1])
+            out[f] = arr if tensor is None else tensor
         return rows, out
+
+
+def _empty_tensor(shape: tuple, dtype: np.dtype, shared: bool) -> torch.Tensor:
+    tdtype = torch.from_numpy(np.empty(0, dtype)).dtype
+    if not shared:
+        return torch.empty(shape, dtype=tdtype)
+    storage = torch.UntypedStorage._new_shared(int(np.prod(shape)) * dtype.itemsize)
+    return torch.empty(0, dtype=tdtype).set_(storage, 0, shape)
 
 
 class StoreDataset(Dataset):
@@ -267,58 +333,64 @@ class StoreDataset(Dataset):
 
 
 class StoreBatchDataset(StoreDataset):
-    """Batch-level dataset: ``ds[[r0, r1, ...]]`` -> ``{field: (B, ...) array, "row": (B,) int64}``.
+    """Batch-level dataset: ``ds[[r0, r1, ...]]`` -> ``{field: tensor (B, ...), "row": tensor (B,)}``
+    (string fields: object arrays (B, ...)).
 
-    The batch holds exactly the rows asked for, ordered by block (stable within a block; ``"row"``
-    says which is which) so each block is copied in one piece. Use with ``DataLoader(ds, batch_size=None, sampler=BatchSampler(block_sampler, B, drop_last))``
-    (:func:`stream_loader` does this): one worker builds a whole batch with one copy per array per block.
+    The batch holds exactly the rows asked for, ordered by block (stable within a block; ``"row"`` says
+    which is which), so each block is copied in one piece. Use with ``DataLoader(ds, batch_size=None,
+    sampler=BatchSampler(block_sampler, B, drop_last), collate_fn=identity_collate)``
+    (:func:`stream_loader` does this): one worker builds a whole batch, one copy per array per block.
     """
 
     def __getitem__(self, rows) -> dict:
         idx, out = self.reader.gather(np.asarray(rows, dtype=np.int64).reshape(-1))
-        out["row"] = idx
+        out["row"] = torch.from_numpy(idx)
         return out
 
 
-def _to_torch(x):
-    if isinstance(x, np.ndarray) and x.dtype != object:
-        return torch.from_numpy(np.ascontiguousarray(x))
-    return x
+def identity_collate(batch):
+    """For ``batch_size=None`` loaders over :class:`StoreBatchDataset`: batches are already built."""
+    return batch
 
 
 def collate(items: list[dict]) -> dict:
-    """Stack per-row dicts: numeric fields -> tensors (B, ...), string fields -> object arrays (B, ...)."""
+    """Stack per-row dicts: numeric fields -> tensors (B, ...), string fields -> object arrays (B, ...).
+
+    In a DataLoader worker the tensors are stacked straight into shared memory (no copy on sending).
+    """
     if not items:
         raise ValueError("collate got an empty batch")
+    shared = get_worker_info() is not None
     out = {}
     for key in items[0]:
-        vals = [it[key] for it in items]
-        if isinstance(vals[0], np.ndarray) and vals[0].dtype == object:
+        vals = [np.asarray(it[key]) for it in items]
+        if vals[0].dtype == object:
             out[key] = np.stack(vals)
         else:
-            out[key] = torch.from_numpy(np.stack([np.asarray(v) for v in vals]))
+            t = _empty_tensor((len(vals), *vals[0].shape), vals[0].dtype, shared)
+            np.stack(vals, out=t.numpy())
+            out[key] = t
     return out
-
-
-def _batch_to_torch(batch: dict) -> dict:
-    return {k: _to_torch(v) for k, v in batch.items()}
 
 
 def stream_loader(url, fields: list[str], batch_size: int, *, split: str | None = None, rows=None,
                   shuffle: bool = True, seed: int = 0, window_blocks: int = 4, rank: int = 0, world_size: int = 1,
-                  drop_last: bool = False, num_workers: int = 0, storage_options: dict | None = None,
-                  **loader_kw) -> tuple[DataLoader, BlockSampler]:
-    """A DataLoader of batches ``{field: tensor (B, ...) | object array, "row": tensor}`` and its sampler.
+                  drop_last: bool = False, num_workers: int = 0, lanes: int = 2,
+                  storage_options: dict | None = None, **loader_kw) -> tuple[DataLoader, BlockSampler]:
+    """The fast path: a DataLoader of batches ``{field: tensor (B, ...) | object array, "row": tensor}``
+    over :class:`StoreBatchDataset`, and its :class:`BlockSampler`.
 
     Call ``sampler.set_epoch(e)`` each epoch; save ``sampler.state_dict(position=batches * batch_size)``
-    to resume mid-epoch. Workers each open the store themselves; batches are the same for any
-    ``num_workers``.
+    to resume mid-epoch. Workers each open the store themselves. The batches depend on the sampler
+    settings (``lanes`` included), never on ``num_workers``; ``lanes == num_workers`` is fastest.
     """
-    ds = StoreBatchDataset(url, fields, rows=rows, split=split, cache_blocks=window_blocks,
+    # A worker sees ceil(lanes / workers) lanes' windows at a time (all of them without workers): cache them.
+    per_reader = -(-lanes // num_workers) if num_workers else lanes
+    ds = StoreBatchDataset(url, fields, rows=rows, split=split, cache_blocks=window_blocks * per_reader,
                            storage_options=storage_options)
     sampler = ds.sampler(shuffle=shuffle, seed=seed, window_blocks=window_blocks, rank=rank,
-                         world_size=world_size, drop_last=drop_last)
+                         world_size=world_size, drop_last=drop_last, lanes=lanes, batch_size=batch_size)
     loader = DataLoader(ds, batch_size=None, sampler=BatchSampler(sampler, batch_size, drop_last),
-                        num_workers=num_workers, collate_fn=_batch_to_torch,
+                        num_workers=num_workers, collate_fn=identity_collate,
                         persistent_workers=num_workers > 0, **loader_kw)
     return loader, sampler

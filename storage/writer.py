@@ -39,7 +39,13 @@ from .backends import (
     to_jsonable,
     zarr_store_exists,
 )
-from .errors import ConfigMismatchError, ReadOnlyStoreError, StoreError, StoreNotFoundError
+from .errors import (
+    ConfigMismatchError,
+    ReadOnlyStoreError,
+    StoreBeingCreatedError,
+    StoreError,
+    StoreNotFoundError,
+)
 from .schema import DONE, STR, ArraySpec, Layout
 
 _CREATING = object()  # sentinel: a store whose creation is in progress or was interrupted
@@ -124,10 +130,8 @@ class StoreWriter:
             return None
         try:
             probe = ZarrBackend(self._write_url, "r", self.storage_options)
-        except StoreNotFoundError as e:
-            if "being created" in str(e):
-                return _CREATING
-            raise
+        except StoreBeingCreatedError:
+            return _CREATING
         if probe.attr("complete"):
             return probe
         probe.close()
@@ -148,7 +152,10 @@ class StoreWriter:
     def _wait_for_store(self, timeout: float, poll: float) -> Backend:
         deadline = time.monotonic() + timeout
         while True:
-            existing = self._existing()
+            try:
+                existing = self._existing()
+            except StoreNotFoundError:  # vanished between two looks: rank 0 is (re)creating it
+                existing = None
             if isinstance(existing, Backend):
                 try:
                     self._check_matches(existing)
@@ -184,9 +191,16 @@ class StoreWriter:
         """Whether the opened store is marked complete (finalized); a staging store never is."""
         return bool(self.backend.attr("complete"))
 
+    def _packed_elsewhere(self) -> bool:
+        """An HDF5 store another rank has packed meanwhile (its staging store is gone): adopt the file."""
+        if self.kind == "hdf5" and not isinstance(self.backend, HDF5Backend) and os.path.exists(local_path(self.url)):
+            self._adopt_hdf5()
+            return True
+        return False
+
     def pending_blocks(self) -> list[int]:
         """Blocks owned by this rank whose rows are not all done, in order."""
-        if self.complete:
+        if self.complete or self._packed_elsewhere():
             return []
         done = done_mask(self.backend)
         return [
@@ -196,7 +210,7 @@ class StoreWriter:
 
     def is_complete(self) -> bool:
         """True once the store is finalized or every row of every rank is done."""
-        return self.complete or bool(done_mask(self.backend).all())
+        return self.complete or self._packed_elsewhere() or bool(done_mask(self.backend).all())
 
     # ------------------------------------------------------------------ writing
     def write_block(self, block: int, arrays: dict[str, np.ndarray]) -> None:
@@ -207,7 +221,7 @@ class StoreWriter:
                 f"store {self.url}: block {block} is not owned by rank {self.rank} of {self.world_size}"
                 + (f" (rank {owner} owns it)" if owner is not None else f" (only {self.layout.num_blocks} blocks)")
             )
-        if self.complete or self.backend.mode != "r+":
+        if self.complete or self._packed_elsewhere() or self.backend.mode != "r+":
             raise ReadOnlyStoreError(f"store {self.url} is complete; it cannot be written (block {block})")
         rows = self.layout.block_rows(block)
         specs = [s for s in self.layout.specs() if s.path != DONE]
@@ -233,13 +247,10 @@ class StoreWriter:
         Safe to call from every rank. ``extra_attrs`` (e.g. statistics) are merged into the root attributes.
         For HDF5 this packs the staging store into the final file.
         """
-        if self.complete:
-            return True
-        if self.kind == "hdf5" and os.path.exists(local_path(self.url)):
-            self._adopt_hdf5()
+        if self.complete or self._packed_elsewhere():
             return True
         if not done_mask(self.backend).all():
-            return False
+            return self._packed_elsewhere()  # its staging may have been packed while we read it
         extra = to_jsonable(extra_attrs or {}, "extra_attrs")
         if self.kind == "zarr":
             self.backend.update_attrs(**extra, complete=True)

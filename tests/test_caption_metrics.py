@@ -15,7 +15,12 @@ GTS = {
     "img-3": ["A cat sits on a mat.", "The cat is on the mat.", "a grey cat resting"],
     4: ["A man throws a frisbee to his dog in the park."],
 }
-RES = {1: "a dog running on the grass", 2: "two men riding bikes on a street", "img-3": "a cat on a mat", 4: "a man and a dog"}
+RES = {
+    1: "a dog running on the grass",
+    2: "two men riding bikes on a street",
+    "img-3": "a cat on a mat",
+    4: "a man and a dog",
+}
 
 
 def test_wrapper_equals_direct_pycocoevalcap(monkeypatch, tmp_path):

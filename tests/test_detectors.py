@@ -251,7 +251,8 @@ def test_annotations_options_and_errors():
     det = DETECTORS.build("annotations", class_names=["a", "b", "c"], max_instances=2, include_crowd=False)
     d = det.detect([np.zeros((H, W, 3), np.uint8)], [_record(anns + [box_only, zero])])[0]
     assert len(d) == 2 and d.labels.tolist() == [2, 0]  # crowd dropped, the two largest kept, zero-area gone
-    d = DETECTORS.build("annotations", class_names=["a"]).detect([np.zeros((H, W, 3), np.uint8)], [_record([box_only])])[0]
+    one = DETECTORS.build("annotations", class_names=["a"])
+    d = one.detect([np.zeros((H, W, 3), np.uint8)], [_record([box_only])])[0]
     assert d.masks[0].min() > 0.5 and d.masks[0, 2:-2, 2:-2].min() > 0.999  # no segmentation: its filled box
 
     det = DETECTORS.build("annotations", class_names=["a", "b"])
@@ -273,4 +274,5 @@ def test_annotations_options_and_errors():
 
 def test_grid_boxes():
     g = grid_boxes(30, 60, levels=(1, 2))
-    np.testing.assert_array_equal(g, [[0, 0, 60, 30], [0, 0, 30, 15], [30, 0, 60, 15], [0, 15, 30, 30], [30, 15, 60, 30]])
+    expected = [[0, 0, 60, 30], [0, 0, 30, 15], [30, 0, 60, 15], [0, 15, 30, 30], [30, 15, 60, 30]]
+    np.testing.assert_array_equal(g, expected)

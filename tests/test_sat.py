@@ -109,7 +109,7 @@ def test_training_overfits_two_captions():
     lengths = torch.tensor([5, 4])
     opt = torch.optim.Adam(m.parameters(), lr=1e-2)
     losses = []
-    for _ in range(60):
+    for _ in range(30):
         out = m(feats, caps, lengths)
         loss = caption_xent(out["logits"], caps[:, 1:], out["mask"]) + 0.01 * doubly_stochastic(
             out["alphas"], out["mask"]
@@ -119,7 +119,7 @@ def test_training_overfits_two_captions():
         torch.nn.utils.clip_grad_norm_(m.parameters(), 5.0)
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.05 * losses[0]
+    assert losses[-1] < 0.1 * losses[0]
     assert m.greedy(feats, max_len=10) == [[4, 5, 6], [7, 6]]
     assert m.beam_search(feats, beam_size=3, max_len=10) == [[4, 5, 6], [7, 6]]
     assert m.training  # decoding restores the module's mode

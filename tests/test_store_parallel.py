@@ -75,3 +75,30 @@ def test_other_ranks_wait_for_rank_zero(tmp_path):
     other = {**ww.ATTRS, "config": {"detector": "other"}}
     with pytest.raises(ConfigMismatchError, match="detector"):
         StoreWriter(url, ww.LAYOUT, other, rank=1, world_size=2, wait_timeout=0.2)
+
+
+def test_concurrent_finalize_packs_hdf5_once(tmp_path):
+    url = str(tmp_path / "c.h5")
+    writers = [StoreWriter(url, ww.LAYOUT, ww.ATTRS, rank=r, world_size=2) for r in (0, 1)]
+    for w in writers:
+        for b in w.pending_blocks():
+            w.write_block(b, ww.block_arrays(ww.LAYOUT, b))
+    assert not Path(url).exists()
+    results = [None, None]
+    barrier = threading.Barrier(2)
+
+    def fin(i):
+        barrier.wait()
+        results[i] = writers[i].finalize(ww.STATS)
+
+    threads = [threading.Thread(target=fin, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert results == [True, True]
+    assert all(w.backend.kind == "hdf5" and w.pending_blocks() == [] for w in writers)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.h5"]
+    ww.assert_same(ww.read_all(url), ww.expected_arrays(ww.LAYOUT), where=url)
+    for w in writers:
+        w.close()

@@ -229,3 +229,24 @@ def test_provenance(tmp_path):
         base_attrs("x", {}, [], {"bad": object()})
     with pytest.raises(FileNotFoundError, match="missing.json"):
         base_attrs("x", {}, [tmp_path / "missing.json"], {})
+
+
+def test_hdf5_over_fsspec_and_in_place_edits(tmp_path):
+    url = str(tmp_path / "e.h5")
+    write_full(url)
+    remote = f"memory://vlcache-test-{uuid.uuid4().hex}/e.h5"
+    fs, path = fsspec.core.url_to_fs(remote)
+    fs.pipe(path, Path(url).read_bytes())
+    try:
+        with open_backend(remote) as b:  # h5py reads through an fsspec file object
+            ww.assert_same({p: b.read(p, slice(None)) for p in b.arrays()}, ww.expected_arrays(LAYOUT), where=remote)
+        with pytest.raises(StoreError, match="can only be opened read-only"):
+            open_backend(remote, "r+", force=True)
+    finally:
+        fs.rm(path)
+    with open_backend(url, "r+", force=True) as b:  # strings are fixed-width UTF-8 in the file
+        width = len("img0000")
+        b.write_rows("images/id", 0, np.array(["ä" * (width // 2)] * 4, dtype=object))
+        assert b.read("images/id", 2) == "ä" * (width // 2)
+        with pytest.raises(StoreError, match="'images/id': a string of 8 UTF-8 bytes exceeds the file's fixed width 7"):
+            b.write_rows("images/id", 4, np.array(["ä" * 4] * 4, dtype=object))

@@ -201,3 +201,16 @@ def test_interrupted_creation_is_redone(tmp_path):
         StoreWriter(url)
     write(str(url))
     assert verify(url).ok and open_backend(url).attrs()["complete"]
+
+
+def test_overwrite_never_deletes_foreign_data(tmp_path):
+    zarr.create_group(str(tmp_path / "theirs.zarr"), attributes={"owner": "someone else"})
+    with pytest.raises(StoreError, match="not a vlcache store; refusing to delete it"):
+        StoreWriter(tmp_path / "theirs.zarr", LAYOUT, ww.ATTRS, overwrite=True)
+    assert zarr.open_group(str(tmp_path / "theirs.zarr"), mode="r").attrs["owner"] == "someone else"
+    with h5py.File(tmp_path / "theirs.h5", "w") as f:
+        f["data"] = np.arange(3)
+    with pytest.raises(StoreError, match="not a vlcache HDF5 store; refusing to delete it"):
+        StoreWriter(tmp_path / "theirs.h5", LAYOUT, ww.ATTRS, overwrite=True)
+    with h5py.File(tmp_path / "theirs.h5") as f:
+        assert f["data"][2] == 2

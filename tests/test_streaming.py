@@ -102,6 +102,22 @@ def test_sampler_resume_mid_epoch():
         fresh.load_state_dict({"epoch": 0, "seed": 7, "position": 10_000})
 
 
+def test_sampler_lanes_deal_windows_to_workers():
+    flags = done_flags(203)
+    plain = BlockSampler(flags, 10, seed=9, window_blocks=2, rank=1, world_size=2)
+    laned = BlockSampler(flags, 10, seed=9, window_blocks=2, rank=1, world_size=2, lanes=2, batch_size=8)
+    a, b = list(plain), list(laned)
+    assert sorted(a) == sorted(b) and a != b  # same rows of this rank, another order
+    batches = [np.array(b[i:i + 8]) // 10 for i in range(0, len(b), 8)]
+    even = set(np.concatenate(batches[0::2][:-2]))
+    odd = set(np.concatenate(batches[1::2][:-2]))
+    assert not even & odd  # away from the tail, worker 0's batches and worker 1's share no block
+    with pytest.raises(ValueError, match="batch_size"):
+        BlockSampler(flags, 10, lanes=2)
+    laned.load_state_dict({"epoch": 0, "seed": 9, "position": 16})
+    assert list(laned) == b[16:]
+
+
 def loader_batches(loader):
     out = []
     for b in loader:
@@ -159,8 +175,9 @@ def test_batch_dataset_workers_match(tiny_store):
     good = [r for r in range(20) if r not in tiny_store.error_rows]
     assert sorted(check_against_truth(runs[0], tiny_store.truth)) == good
     assert [len(b["row"]) for b in runs[0]] == [6, 6, 6, 1]
+    assert runs[0][0]["regions/feats"].dtype == torch.float16 and runs[0][0]["row"].dtype == torch.int64
     # A batch holds exactly the sampler's rows (grouped by block for one copy per block).
-    sampler = BlockSampler(np.array(good), 8, seed=2, window_blocks=2)
+    sampler = BlockSampler(np.array(good), 8, seed=2, window_blocks=2, lanes=2, batch_size=6)
     sampler.set_epoch(3)
     for b, want in zip(runs[0], BatchSampler(sampler, 6, False)):
         assert sorted(b["row"].tolist()) == sorted(want)
@@ -182,7 +199,8 @@ def test_split_rows_and_cache_bound(tiny_store):
 def test_not_done_rows_and_bad_fields(tiny_store_factory):
     ts = tiny_store_factory("part.zarr", n=20, block_size=8, blocks=[1], finalize=False)
     ds = StoreDataset(ts.url, ["grid/feats"])
-    assert ds.rows.tolist() == list(range(8, 16))
+    assert ts.error_rows == [11]  # done, but extraction failed: not a training row
+    assert ds.rows.tolist() == [8, 9, 10, 12, 13, 14, 15]
     np.testing.assert_array_equal(ds[9]["grid/feats"], ts.truth["grid/feats"][9])
     with pytest.raises(StoreError, match="row 3 is not extracted yet"):
         ds[3]
@@ -191,4 +209,4 @@ def test_not_done_rows_and_bad_fields(tiny_store_factory):
         bds[[9, 17]]
     with pytest.raises(StoreError, match=r"no array\(s\) \['regions/nope'\]"):
         StoreDataset(ts.url, ["regions/nope"])
-    assert list(BlockSampler.from_store(ts.url, shuffle=False)) == list(range(8, 16))
+    assert list(BlockSampler.from_store(ts.url, shuffle=False)) == [8, 9, 10, 12, 13, 14, 15]

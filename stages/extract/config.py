@@ -19,6 +19,7 @@ class DetectorConfig:
     max_instances: int = 32
     min_size: int = 800  # input size (torchvision GeneralizedRCNNTransform)
     max_size: int = 1333
+    proposals: int = 1000  # RPN proposals kept per image at test time (pre- and post-NMS top-n)
 
 
 @dataclass
@@ -50,6 +51,7 @@ class ExtractConfig:
     match: str = "synonyms"  # synonyms | exact
     split: str | None = None  # only this split
     limit: int | None = None  # only the first N images (after the split filter)
+    seed: int = 0  # torch seed for building models: random-init (weights none) stores are reproducible
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)

@@ -42,7 +42,8 @@ class FeatureRangeError(ValueError):
 
 
 class FeatureExtractor(nn.Module):
-    """ResNet-101 trunk up to C5. ``weights``: "DEFAULT" (ImageNet), a PATH to a state dict, or "none".
+    """Frozen ResNet-101 trunk up to C5 (eval mode, no gradients). ``weights``: "DEFAULT" (ImageNet), a
+    PATH to a state dict, or "none".
 
     ``prepare(images)`` resizes and normalises a list of images to a (B,3,S,S) batch; ``forward(x)``
     returns C5, (B, 2048, S/32, S/32).
@@ -74,7 +75,7 @@ class FeatureExtractor(nn.Module):
                                    net.layer1, net.layer2, net.layer3, net.layer4)
         self.register_buffer("mean", torch.tensor(_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(_STD).view(1, 3, 1, 1), persistent=False)
-        self.eval()
+        self.eval().requires_grad_(False)  # frozen by design: stage one never trains it
 
     def prepare(self, images: Sequence[np.ndarray] | Sequence[Tensor]) -> Tensor:
         """Images -> normalised (B,3,S,S) batch on this module's device."""
@@ -169,7 +170,8 @@ def to_float16_checked(x, what: str) -> np.ndarray:
     """``x`` as float16, or :class:`FeatureRangeError` naming ``what`` if it holds inf/NaN or overflows."""
     a = x.detach().float().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x, np.float32)
     if not np.isfinite(a).all():
-        raise FeatureRangeError(f"{what}: features hold NaN or infinite values ({int((~np.isfinite(a)).sum())} of {a.size})")
+        bad = int((~np.isfinite(a)).sum())
+        raise FeatureRangeError(f"{what}: features hold NaN or infinite values ({bad} of {a.size})")
     peak = float(np.abs(a).max()) if a.size else 0.0
     if peak > FLOAT16_MAX:
         raise FeatureRangeError(

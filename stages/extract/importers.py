@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from tqdm.auto import tqdm
 
 from ...pipeline.records import Dataset, ImageRecord
@@ -136,7 +137,7 @@ def _int(raw, name: str, where: str) -> int:
     try:
         return int(raw)
     except (TypeError, ValueError):
-        raise FeatureImportError(f"{where}: field '{name}' is not an integer: {raw[:40]!r}") from None
+        raise FeatureImportError(f"{where}: field '{name}' is not an integer: {str(raw)[:40]}") from None
 
 
 def _b64(raw: bytes, name: str, where: str, n: int, dtype, width: int | None = None) -> np.ndarray:
@@ -190,6 +191,8 @@ class _TsvSource:
         f = self._handles[k]
         f.seek(offset)
         fields = f.readline().rstrip(b"\r\n").split(b"\t")
+        if len(fields) not in _TSV_COLUMNS:
+            raise FeatureImportError(f"{self.files[k]}:{lineno}: the file changed since it was indexed")
         row = dict(zip(_TSV_COLUMNS[len(fields)], fields))
         where = f"{self.files[k]}:{lineno} (image id {row['image_id'].decode('utf-8', 'replace')})"
         n = _int(row["num_boxes"], "num_boxes", where)
@@ -204,7 +207,7 @@ class _TsvSource:
         elif "cls_prob" in row:
             prob = _b64(row["cls_prob"], "cls_prob", where, n, np.float32)
             if n and prob.shape[1] < 2:
-                raise FeatureImportError(f"{where}: field 'cls_prob' has {prob.shape[1]} column(s); expected background + classes")
+                raise FeatureImportError(f"{where}: 'cls_prob' has {prob.shape[1]} column(s), not background + classes")
             out.labels = prob[:, 1:].argmax(1) if n else np.zeros(0, np.int64)  # column 0 is background
             out.scores = prob[np.arange(n), out.labels + 1] if n else np.zeros(0, np.float32)
         if out.labels is not None and out.labels.size and not (-1 <= out.labels.min() and out.labels.max() < 2**15):
@@ -266,7 +269,7 @@ class _ScanSource:
         for path in files:
             ids_path = Path(ids_file) if ids_file else path.with_name(path.name[: -len("_ims.npy")] + "_ids.txt")
             if not ids_path.is_file():
-                raise FeatureImportError(f"{path}: no ids file {ids_path}; SCAN arrays cannot be matched to images without it")
+                raise FeatureImportError(f"{path}: no ids file {ids_path}; without it rows cannot be matched to images")
             ims = np.load(path, mmap_mode="r", allow_pickle=False)
             if ims.ndim != 3:
                 raise FeatureImportError(f"{path}: shape {ims.shape}; expected (images, regions, D)")
@@ -305,14 +308,15 @@ def find_source_files(source, fmt: str = "auto") -> tuple[str, list[Path]]:
         raise ValueError(f"unknown feature format {fmt!r}; expected auto, {', '.join(FORMATS)}")
     text = os.path.expanduser(os.fspath(source))
     if any(c in text for c in "*?["):
-        paths = [Path(p) for p in sorted(glob.glob(text)) if os.path.isfile(p)]
+        paths = [Path(p) for p in glob.glob(text) if os.path.isfile(p)]
         given = "glob"
     elif os.path.isdir(text):
-        paths, given = sorted(p for p in Path(text).iterdir() if p.is_file()), "dir"
+        paths, given = [p for p in Path(text).iterdir() if p.is_file()], "dir"
     elif os.path.isfile(text):
         paths, given = [Path(text)], "file"
     else:
         raise FileNotFoundError(f"feature source {text} does not exist")
+    paths.sort(key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(p))])  # x.tsv.2 < x.tsv.10
     kinds = {k: [p for p in paths if pat.search(p.name)] for k, pat in _PATTERNS.items()}
     if fmt == "auto":
         found = [k for k, v in kinds.items() if v]
@@ -385,8 +389,6 @@ def _record_hw(dataset: Dataset, rec: ImageRecord) -> tuple[int, int]:
     if rec.height and rec.width:
         return rec.height, rec.width
     try:  # PIL reads only the header
-        from PIL import Image
-
         with Image.open(Path(dataset.image_root) / rec.path) as im:
             return im.height, im.width
     except (OSError, ValueError):
@@ -413,6 +415,25 @@ def _feature_dim(src, where_of: dict) -> int:
         if len(feat.feats):
             return int(feat.feats.shape[1])
     return 2048
+
+
+def match_source(src, records: list[ImageRecord], report: ImportReport, progress: bool) -> dict:
+    """Pass one: ``row -> source locator`` for every dataset image found in ``src``; the rest is reported."""
+    resolver, where_of = IdResolver(records), {}
+    for sid, loc in src.index(progress):
+        report.source_entries += 1
+        row = resolver.row(sid)
+        if row is None:
+            report.extra_ids.add(sid)
+        elif row in where_of:
+            report.duplicates.add(sid)
+        else:
+            where_of[row] = loc
+    report.matched = len(where_of)
+    for i, rec in enumerate(records):
+        if i not in where_of:
+            report.missing.add(rec.id)
+    return where_of
 
 
 def _say(msg: str) -> None:
@@ -450,27 +471,13 @@ def import_features(
     if ids_file is not None and fmt != "scan":
         raise ValueError(f"ids_file is only used by the scan format, not {fmt}")
     src = _TsvSource(files) if fmt == "tsv" else _NpzSource(files) if fmt == "npz" else _ScanSource(files, ids_file)
-    label = str(source)
-    report = ImportReport(url=str(url), format=fmt, source=label, rows=len(dataset.records))
+    report = ImportReport(url=str(url), format=fmt, source=str(source), rows=len(dataset.records))
     records = dataset.records
     try:
-        resolver, where_of = IdResolver(records), {}
-        for sid, loc in src.index(progress):
-            report.source_entries += 1
-            row = resolver.row(sid)
-            if row is None:
-                report.extra_ids.add(sid)
-            elif row in where_of:
-                report.duplicates.add(sid)
-            else:
-                where_of[row] = loc
-        report.matched = len(where_of)
-        for i, rec in enumerate(records):
-            if i not in where_of:
-                report.missing.add(rec.id)
+        where_of = match_source(src, records, report, progress)
         if not where_of:
             raise FeatureImportError(
-                f"none of the {report.source_entries} image ids in {label} match dataset {dataset.name} "
+                f"none of the {report.source_entries} image ids in {source} match dataset {dataset.name} "
                 f"(source ids e.g. {report.extra_ids.examples[:5]}, dataset ids e.g. {[r.id for r in records[:5]]})"
             )
         dim = _feature_dim(src, where_of)
@@ -489,57 +496,62 @@ def import_features(
             config["tsv_columns"] = sorted(src.columns)
         if fmt == "scan":
             report.notes.append("boxes unavailable (SCAN format): regions/boxes are zeros")
+        if matcher is not None and fmt == "tsv" and src.columns - {6}:
+            report.notes.append("regions/labels are the source's class ids; attrs.classes are the matcher's")
         names = list(getattr(matcher, "class_names", None) or classes or [])
         attrs = base_attrs(dataset.name, dataset.split_counts(), dataset.sources, config, names)
         meta = attrs["dataset"] if isinstance(attrs.get("dataset"), dict) else {"name": dataset.name}
         attrs["dataset"] = {**meta, "image_root": str(Path(dataset.image_root).resolve())}
         attrs["import_notes"] = list(report.notes)
-        _write(dataset, src, where_of, layout, attrs, report, matcher, overwrite, progress, label)
+        _write(dataset, src, where_of, layout, attrs, report, matcher, overwrite, progress)
     finally:
         src.close()
     report.seconds = time.perf_counter() - start
-    if any(t.count for t in (report.extra_ids, report.missing, report.duplicates, report.truncated, report.hw_mismatch)):
+    if any(t.count for t in (report.extra_ids, report.missing, report.duplicates, report.truncated,
+                             report.hw_mismatch)):
         _say(format_import_report(report))
     return report
 
 
-def _write(dataset, src, where_of, layout, attrs, report, matcher, overwrite, progress, label) -> None:
-    records, cap = dataset.records, layout.capacities.regions
+def _row_output(feat: _Feat, where: str, rec: ImageRecord, layout: Layout, report: ImportReport) -> RowOutput:
+    """Check one image's source data (shapes, float16 range, size) and wrap it for the RowBuilder."""
+    dim, n = layout.capacities.region_dim, len(feat.feats)
+    if n != len(feat.boxes):
+        raise FeatureImportError(f"{where}: {len(feat.boxes)} boxes but {n} feature rows")
+    if n and feat.feats.shape[1] != dim:
+        raise FeatureImportError(f"{where}: features are {feat.feats.shape[1]}-d, other images' are {dim}-d")
+    f16 = _check_finite(feat, where) if n else np.zeros((0, dim), np.float16)
+    if n > layout.capacities.regions:
+        report.truncated.add(f"{rec.id} ({n} boxes)")
+    known = (rec.height, rec.width) if rec.height and rec.width else None
+    if feat.hw is not None and known is not None and tuple(feat.hw) != known:
+        report.hw_mismatch.add(f"{rec.id} (source {feat.hw}, dataset {known})")
+    return RowOutput(
+        reg_boxes=feat.boxes,
+        reg_labels=feat.labels if feat.labels is not None else np.full(n, -1, np.int16),
+        reg_scores=feat.scores if feat.scores is not None else np.zeros(n, np.float32),
+        reg_feats=f16,
+    )
+
+
+def _write(dataset, src, where_of, layout, attrs, report, matcher, overwrite, progress) -> None:
+    """Pass two: rows of the pending blocks in store order, each block written once all its rows are in."""
+    records = dataset.records
     writer = StoreWriter(report.url, layout, attrs, overwrite=overwrite)
     try:
         builder = RowBuilder(layout, records, matcher)
-        pending = writer.pending_blocks()
-        bar = tqdm(total=sum(len(layout.block_rows(b)) for b in pending), unit="img", desc="import",
-                   disable=not progress, dynamic_ncols=True)
-        with bar:
+        pending = writer.pending_blocks()  # all blocks, or those an interrupted import left undone
+        with tqdm(total=sum(len(layout.block_rows(b)) for b in pending), unit="img", desc="import",
+                  disable=not progress, dynamic_ncols=True) as bar:
             for block in pending:
                 for row in layout.block_rows(block):
                     rec = records[row]
                     if row not in where_of:
-                        builder.add_error(row, f"no features in {label} for image id {rec.id}")
+                        builder.add_error(row, f"no features in {report.source} for image id {rec.id}")
                     else:
                         feat, where = src.read(where_of[row])
-                        if len(feat.feats) != len(feat.boxes):
-                            raise FeatureImportError(f"{where}: {len(feat.boxes)} boxes but {len(feat.feats)} feature rows")
-                        if len(feat.feats) and feat.feats.shape[1] != layout.capacities.region_dim:
-                            raise FeatureImportError(
-                                f"{where}: features are {feat.feats.shape[1]}-d, others are {layout.capacities.region_dim}-d"
-                            )
-                        f16 = _check_finite(feat, where)
-                        n = len(f16)
-                        if not n:  # a source with zero boxes has no D of its own
-                            f16 = np.zeros((0, layout.capacities.region_dim), np.float16)
-                        if n > cap:
-                            report.truncated.add(f"{rec.id} ({n} boxes)")
-                        known = (rec.height, rec.width) if rec.height and rec.width else None
-                        if feat.hw is not None and known is not None and tuple(feat.hw) != known:
-                            report.hw_mismatch.add(f"{rec.id} (source {feat.hw}, dataset {known})")
-                        builder.add(row, feat.hw or _record_hw(dataset, rec), RowOutput(
-                            reg_boxes=feat.boxes,
-                            reg_labels=feat.labels if feat.labels is not None else np.full(n, -1, np.int16),
-                            reg_scores=feat.scores if feat.scores is not None else np.zeros(n, np.float32),
-                            reg_feats=f16,
-                        ))
+                        out = _row_output(feat, where, rec, layout, report)
+                        builder.add(row, feat.hw or _record_hw(dataset, rec), out)
                     bar.update(1)
                 for b, arrays in builder.pop_finished_blocks():
                     writer.write_block(b, arrays)

@@ -198,8 +198,7 @@ def extract(dataset: Dataset, url: str, cfg: ExtractConfig, *, overwrite: bool =
             bar.update(len(batch))
     finally:
         bar.close()
-        write_queue.put(None)
-        thread.join()
+        _stop_writer(write_queue, thread)  # blocks already queued are whole: they are still written
     if write_error:
         raise write_error[0]
     summary.complete = writer.finalize()
@@ -217,6 +216,17 @@ def _put(q: queue.Queue, item, errors: list) -> None:
             return
         except queue.Full:
             continue
+
+
+def _stop_writer(q: queue.Queue, thread: threading.Thread) -> None:
+    # A writer that died on an error no longer drains the queue: a blocking put(None) would hang.
+    while thread.is_alive():
+        try:
+            q.put(None, timeout=0.5)
+            break
+        except queue.Full:
+            continue
+    thread.join()
 
 
 def _split_counts(records: list[ImageRecord]) -> dict[str, int]:

@@ -84,6 +84,18 @@ def _resolve_class_words(class_names: list[str], dataset: Dataset, explicit: str
 
 
 def build_models(cfg: ExtractConfig, dataset: Dataset, class_words: str | Path | None = None) -> ExtractionModels:
+    """Build the detector, feature extractor and matcher ``cfg`` asks for.
+
+    Models are built under ``torch.manual_seed(cfg.seed)`` inside a forked RNG state, so random-init
+    weights (``none``) are identical on every run and every rank (resumed and multi-rank stores then
+    equal an uninterrupted single-process one), and the caller's RNG state is left untouched.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return _build_models(cfg, dataset, class_words)
+
+
+def _build_models(cfg: ExtractConfig, dataset: Dataset, class_words: str | Path | None) -> ExtractionModels:
     groups, d, f = set(cfg.groups), cfg.detector, cfg.features
     device = cfg.runtime.device
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -98,11 +110,12 @@ def build_models(cfg: ExtractConfig, dataset: Dataset, class_words: str | Path |
         elif d.backend == "torchvision":
             detector = DETECTORS.build("torchvision", arch=d.arch, weights=d.weights,
                                        score_threshold=d.score_threshold, max_instances=d.max_instances,
-                                       min_size=d.min_size, max_size=d.max_size, device=device,
-                                       amp=cfg.runtime.amp)
+                                       min_size=d.min_size, max_size=d.max_size, proposals=d.proposals,
+                                       device=device, amp=cfg.runtime.amp)
         else:
             detector = DETECTORS.build(d.backend, config=d.config_file, weights=d.weights,
                                        score_threshold=d.score_threshold, max_instances=d.max_instances,
+                                       min_size=d.min_size, max_size=d.max_size, proposals=d.proposals,
                                        device=device, amp=cfg.runtime.amp)
     extractor = None
     if groups & {"grid", "regions"}:

@@ -132,7 +132,8 @@ def matched_steps(
             raise ValueError(f"batch row {b}, match {j}: class id {cls} inside the valid count")
         if not 0 <= start < end <= int(num_tokens[b]):
             raise ValueError(
-                f"batch row {b}, match {j}: span [{start}, {end}) is not inside the caption's {int(num_tokens[b])} tokens"
+                f"batch row {b}, match {j}: span [{start}, {end}) is not inside the caption's "
+                f"{int(num_tokens[b])} tokens"
             )
         for k in range(start, min(end, int(num_tokens[b]), max_len)):
             if (b, k, cls) not in seen:

@@ -102,7 +102,9 @@ def ica_loss(energies: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     energies, labels: (n, P). Returns a 0 that keeps the graph when n == 0 (a batch without matches).
     """
     if energies.dim() != 2 or energies.shape != labels.shape:
-        raise ValueError(f"energies and labels must both be (n, P); got {tuple(energies.shape)} and {tuple(labels.shape)}")
+        raise ValueError(
+            f"energies and labels must both be (n, P); got {tuple(energies.shape)} and {tuple(labels.shape)}"
+        )
     if energies.shape[0] == 0:
         return _zero(energies)
     return lovasz_hinge(energies, labels)
@@ -160,11 +162,12 @@ def ccr_loss(
     its attention (rows sum to 1 over valid j). ``value_mask`` (n, r) bool marks real (non-padded)
     values. A word with a single valid value has nothing left out and contributes nothing.
     """
+    shapes = f"q {tuple(q.shape)}, values {tuple(values.shape)}, weights {tuple(weights.shape)}"
     if q.dim() != 2 or values.dim() != 3 or weights.dim() != 2:
-        raise ValueError(f"expected q (n, d), values (n, r, d), weights (n, r); got {tuple(q.shape)}, {tuple(values.shape)}, {tuple(weights.shape)}")
+        raise ValueError(f"expected q (n, d), values (n, r, d), weights (n, r); got {shapes}")
     n, r, d = values.shape
     if q.shape != (n, d) or weights.shape != (n, r):
-        raise ValueError(f"inconsistent shapes: q {tuple(q.shape)}, values {tuple(values.shape)}, weights {tuple(weights.shape)}")
+        raise ValueError(f"inconsistent shapes: {shapes}")
     valid = torch.ones(n, r, dtype=torch.bool, device=q.device) if value_mask is None else value_mask.bool()
     if valid.shape != (n, r):
         raise ValueError(f"value_mask must be (n, r) = ({n}, {r}), got {tuple(valid.shape)}")

@@ -214,50 +214,69 @@ class ShowAttendTell(nn.Module):
         feats = feats.repeat_interleave(k, dim=0)  # row b*k + j is beam j of image b
         feats_proj = self.feat_proj(feats)
         h, c = self.init_state(feats)
-        rows = torch.arange(B, device=dev)[:, None]
+        rows = torch.arange(B, device=dev)
         scores = torch.full((B, k), float("-inf"), device=dev)
         scores[:, 0] = 0.0  # all beams start identical: only one is live
-        seqs = torch.zeros(B, k, 0, dtype=torch.long, device=dev)
-        hist = torch.zeros(B, k, 0, P, device=dev)
+        seqs = torch.zeros(B, k, max_len, dtype=torch.long, device=dev)  # live words
+        hist = torch.zeros(B, k, max_len, P, device=dev)  # live attention per step
         tok = torch.full((B * k,), self.start_id, dtype=torch.long, device=dev)
+        # best hypothesis so far per image: score, words, attention, word count, ended with <end>
         best_score = torch.full((B,), float("-inf"), device=dev)
-        best: list[tuple[list[int], torch.Tensor, bool] | None] = [None] * B
+        best_seq = torch.zeros(B, max_len, dtype=torch.long, device=dev)
+        best_hist = torch.zeros(B, max_len, P, device=dev)
+        best_len = torch.zeros(B, dtype=torch.long, device=dev)
+        best_ended = torch.zeros(B, dtype=torch.bool, device=dev)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         n_cand = min(2 * k, k * V)
-        for _ in range(max_len):
+        rank_ok = torch.arange(n_cand, device=dev)[None] < k
+
+        def keep_best(improve, score, seq, hist_t, n_words, ended):
+            nonlocal best_score, best_seq, best_hist, best_len, best_ended
+            best_score = torch.where(improve, score, best_score)
+            best_seq = torch.where(improve[:, None], seq, best_seq)
+            best_hist = torch.where(improve[:, None, None], hist_t, best_hist)
+            best_len = torch.where(improve, n_words, best_len)
+            best_ended = torch.where(improve, ended, best_ended)
+
+        for t in range(max_len):
             logits, h, c, alpha, _, _ = self.step(tok, h, c, feats, feats_proj)
             cand = (scores.reshape(B * k, 1) + self._step_log_probs(logits)).reshape(B, k * V)
             top_s, top_i = cand.topk(n_cand, dim=1)
             src, new = top_i // V, top_i % V
             is_end = new == self.end_id
             alpha = alpha.float().reshape(B, k, P)
-            rank_ok = torch.arange(n_cand, device=dev)[None] < k
-            fin = is_end & rank_ok & torch.isfinite(top_s) & ~done[:, None]
-            for b, j in fin.nonzero().tolist():
-                if top_s[b, j] > best_score[b]:
-                    beam = int(src[b, j])
-                    best_score[b] = top_s[b, j]
-                    al = torch.cat([hist[b, beam], alpha[b, beam][None]], 0)
-                    best[b] = (seqs[b, beam].tolist(), al.cpu(), True)
+            # hypotheses ending here: an <end> among the k best candidates of a still-open image
+            fin_s = top_s.masked_fill(~(is_end & rank_ok & ~done[:, None]), float("-inf"))
+            step_best, step_j = fin_s.max(dim=1)
+            beam = src.gather(1, step_j[:, None]).squeeze(1)
+            ended_hist = hist[rows, beam].clone()
+            ended_hist[:, t] = alpha[rows, beam]
+            improve = step_best > best_score
+            n_words = torch.full_like(best_len, t)
+            keep_best(improve, step_best, seqs[rows, beam], ended_hist, n_words, torch.ones_like(improve))
+            # the k best candidates that do not end stay live
             sel_s, sel = top_s.masked_fill(is_end, float("-inf")).topk(k, dim=1)
             beam_src, new_tok = src.gather(1, sel), new.gather(1, sel)
-            flat = (rows * k + beam_src).reshape(-1)
+            flat = (rows[:, None] * k + beam_src).reshape(-1)
             h, c = h[flat], c[flat]
-            seqs = torch.cat([seqs[rows, beam_src], new_tok[..., None]], dim=2)
-            hist = torch.cat([hist[rows, beam_src], alpha[rows, beam_src][:, :, None]], dim=2)
+            seqs = seqs[rows[:, None], beam_src]
+            seqs[:, :, t] = new_tok
+            hist = hist[rows[:, None], beam_src]
+            hist[:, :, t] = alpha[rows[:, None], beam_src]
             scores, tok = sel_s, new_tok.reshape(-1)
+            # summed log-probs only decrease: nothing live can beat a finished score >= the best live one
             done = done | (best_score >= scores.max(1).values)
             if bool(done.all()):
                 break
+        # images still open after max_len steps: their best live hypothesis competes unfinished
         live_s, live_j = scores.max(1)
-        out = Decoded([], torch.zeros(B), [], [])
+        improve = ~done & (live_s > best_score)
+        no_end = torch.zeros_like(best_ended)
+        keep_best(improve, live_s, seqs[rows, live_j], hist[rows, live_j], torch.full_like(best_len, max_len), no_end)
+        out = Decoded([], best_score.cpu(), [], [])
+        seq_c, hist_c, len_c, end_c = best_seq.cpu(), best_hist.cpu(), best_len.tolist(), best_ended.tolist()
         for b in range(B):
-            if not bool(done[b]) and (best[b] is None or live_s[b] > best_score[b]):
-                j = int(live_j[b])
-                best[b], best_score[b] = (seqs[b, j].tolist(), hist[b, j].cpu(), False), live_s[b]
-            seq, al, ended = best[b]
-            out.tokens.append(seq)
-            out.alphas.append(al)
-            out.ended.append(ended)
-        out.log_probs = best_score.cpu()
+            out.tokens.append(seq_c[b, : len_c[b]].tolist())
+            out.alphas.append(hist_c[b, : len_c[b] + int(end_c[b])])
+            out.ended.append(bool(end_c[b]))
         return out if return_details else out.tokens

@@ -77,12 +77,15 @@ class SCAN(nn.Module):
 
     # ---- attention ------------------------------------------------------------------------------
 
-    def _weights(self, dots: torch.Tensor, qmask: torch.Tensor, kmask: torch.Tensor) -> torch.Tensor:
-        """``dots (..., Q, K)`` raw q.v -> attention weights over K, SCAN's clipped-l2 then softmax."""
+    def _logits(self, dots: torch.Tensor, qmask: torch.Tensor, kmask: torch.Tensor) -> torch.Tensor:
+        """``dots (..., Q, K)`` raw q.v -> pre-softmax scores lambda_1 * s̄ (padded keys -inf)."""
         s = F.leaky_relu(dots, 0.1) * qmask[..., :, None]
         s = s / (_safe_norm_sq(s.pow(2).sum(-2, keepdim=True)) + 1e-8)  # l2 over the queries
-        s = (self.lambda_softmax * s).masked_fill(~kmask[..., None, :], float("-inf"))
-        return s.softmax(-1)
+        return (self.lambda_softmax * s).masked_fill(~kmask[..., None, :], float("-inf"))
+
+    def _weights(self, dots: torch.Tensor, qmask: torch.Tensor, kmask: torch.Tensor) -> torch.Tensor:
+        """``dots (..., Q, K)`` raw q.v -> attention weights over K, SCAN's clipped-l2 then softmax."""
+        return self._logits(dots, qmask, kmask).softmax(-1)
 
     def _pool(self, rel: torch.Tensor, qmask: torch.Tensor) -> torch.Tensor:
         """Pool relevances ``R_i (..., Q)`` over the real queries: AVG or LSE."""
@@ -100,7 +103,8 @@ class SCAN(nn.Module):
         """Cross attention of matched pairs (row b of images with row b of captions), as the model uses it.
 
         Returns ``query (B, Q, d)`` (q_i), ``values (B, K, d)`` (v_j), ``weights (B, Q, K)`` (w_ij,
-        rows sum to 1 over real keys), ``attended (B, Q, d)`` (a_i), ``query_mask``, ``key_mask`` and
+        rows sum to 1 over real keys), ``logits (B, Q, K)`` (the pre-softmax lambda_1 * s̄_ij, -inf at
+        padded keys; the scores the ICA loss supervises), ``attended (B, Q, d)`` (a_i), ``query_mask``, ``key_mask`` and
         ``sim (B,)``. For t2i the queries are words and the values regions (what CCR/CCS constrain);
         for i2t it is the other way round.
         """
@@ -110,10 +114,11 @@ class SCAN(nn.Module):
         img_mask = self._img_mask(img_emb, img_mask)
         cap_mask = lengths_to_mask(torch.as_tensor(cap_lens, device=cap_emb.device), cap_emb.shape[1])
         q, qm, v, km = self._queries_context(img_emb, img_mask, cap_emb, cap_mask)
-        w = self._weights(q @ v.transpose(1, 2), qm, km) * qm[..., None]
+        logits = self._logits(q @ v.transpose(1, 2), qm, km)
+        w = logits.softmax(-1) * qm[..., None]
         a = w @ v
         rel = (q * a).sum(-1) / (_safe_norm_sq(q.pow(2).sum(-1)) * _safe_norm_sq(a.pow(2).sum(-1)))
-        return dict(query=q, values=v, weights=w, attended=a, query_mask=qm, key_mask=km,
+        return dict(query=q, values=v, weights=w, logits=logits, attended=a, query_mask=qm, key_mask=km,
                     sim=self._pool(rel, qm.to(rel.dtype)))
 
     @staticmethod

@@ -1,0 +1,292 @@
+"""Evaluate a captioning run on a store split: captions, caption metrics, attention metrics, figures, report.
+
+``evaluate_caption(run_dir, split)`` loads the run's best checkpoint (its last one when it never
+validated) and, streaming the split from the store the run was trained on (its fingerprint is checked):
+
+* decodes every image with batched beam search and scores the captions with pycocoevalcap
+  (BLEU-1..4, METEOR, ROUGE-L, CIDEr; SPICE when its CoreNLP jars are present, else a note);
+* measures attention against the pseudo masks (METHODS.md section 8): the model is teacher-forced on the
+  ground-truth captions; for every matched word token, the attention ``alpha`` of the step predicting it
+  is compared with the word's merged-mask grid coverage. Reference cells: coverage >= 0.5 with the ICA
+  non-empty rule (:func:`ica.ica_labels`); attended set: top cells until half the mass; precision, recall,
+  F1 averaged over words; correctness = sum of alpha inside the mask (sum_i alpha_i * coverage_i). The
+  correctness of uniform attention (the mean coverage) is reported beside it as the chance level;
+* writes ``eval/captions_<split>.json`` and ``eval/scores_<split>.json`` (the test split also as
+  ``eval/captions.json``/``eval/scores.json``), attention-over-image figures in ``figures/`` and
+  ``report.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ...pipeline.runs import RunDir
+from ...storage.store import open_store
+from .attention_metrics import attention_correctness, attention_prf
+from .caption_data import (CaptionBatches, CaptionTransform, caption_loader, split_rows, store_fingerprint,
+                           store_info)
+from .caption_metrics import CaptionScorer, score_captions, tokenize
+from .sat import ShowAttendTell
+from .vocab import Vocab
+
+__all__ = ["decode_split", "quick_scores", "load_run_model", "evaluate_caption", "attention_figure",
+           "TABLE_METRICS"]
+
+TABLE_METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE",
+                 "attn_precision", "attn_recall", "attn_f1", "attn_correctness")
+
+
+@torch.no_grad()
+def decode_split(model: ShowAttendTell, loader, vocab: Vocab, beam_size: int, max_len: int, device,
+                 progress: bool = False, attention: bool = False) -> tuple[list[dict], dict]:
+    """Beam-search captions for every image the loader yields, optionally with attention data.
+
+    Returns (items, attn): items are ``{"row", "image_id", "caption", "references"}`` in loader order.
+    With ``attention`` (the loader's transform must build ICA targets) ``attn`` holds, over all matched
+    word tokens of the ground-truth captions, ``alphas`` (m, P) teacher-forced attention, ``labels`` and
+    ``coverage`` (m, P), and ``words``: per token (row, caption index, token index, class id).
+    """
+    model.eval()
+    items, alphas, labels, coverage, words = [], [], [], [], []
+    n_samples = n_pairs = 0
+    for batch in tqdm(loader, desc="decode", disable=not progress, leave=False):
+        feats = batch["feats"].to(device)
+        seqs = model.beam_search(feats, beam_size=beam_size, max_len=max_len)
+        for b, seq in enumerate(seqs):
+            items.append({"row": int(batch["rows"][b]), "image_id": batch["image_ids"][b],
+                          "caption": vocab.decode_text(seq), "references": batch["references"][b]})
+        if attention and batch["captions"].shape[0]:
+            img = batch["img_index"].to(device)
+            out = model(feats[img], batch["captions"].to(device), batch["lengths"].to(device))
+            s, t = batch["ica_sample"], batch["ica_step"]
+            alphas.append(out["alphas"][s.to(device), t.to(device)].float().cpu())
+            labels.append(batch["ica_labels"])
+            coverage.append(batch["ica_coverage"])
+            rows = batch["rows"][batch["img_index"][s]]
+            words += list(zip(rows.tolist(), batch["cap_index"][s].tolist(), t.tolist(), batch["ica_class"].tolist()))
+            n_samples += int(batch["captions"].shape[0])
+            n_pairs += len({(int(a), int(c)) for a, c in zip(s, batch["ica_class"])})
+    attn = {}
+    if attention:
+        cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0, 0)  # noqa: E731
+        attn = {"alphas": cat(alphas), "labels": cat(labels), "coverage": cat(coverage), "words": words,
+                "objects_per_caption": n_pairs / max(n_samples, 1)}
+    return items, attn
+
+
+def quick_scores(items: list[dict]) -> dict:
+    """BLEU-1..4 and CIDEr of decoded items (validation: one tokenizer run, no METEOR JVM)."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+
+    gts = {it["row"]: it["references"] for it in items}
+    res = {it["row"]: it["caption"] for it in items}
+    gts_t, res_t = tokenize(gts, res)
+    bleu, _ = Bleu(4).compute_score(gts_t, res_t, verbose=0)
+    out = {f"Bleu_{n + 1}": float(b) for n, b in enumerate(bleu)}
+    out["CIDEr"] = float(Cider().compute_score(gts_t, res_t)[0])
+    return out
+
+
+def attention_scores(attn: dict) -> dict:
+    """Section 8 metrics over the matched word tokens of :func:`decode_split`'s ``attn``."""
+    n = int(attn["alphas"].shape[0]) if attn else 0
+    if n == 0:
+        nan = float("nan")
+        return {"attn_precision": nan, "attn_recall": nan, "attn_f1": nan, "attn_correctness": nan,
+                "attn_correctness_uniform": nan, "attn_words": 0}
+    prf = attention_prf(attn["alphas"], attn["labels"] > 0)
+    corr = attention_correctness(attn["alphas"], attn["coverage"])
+    return {"attn_precision": prf["precision"], "attn_recall": prf["recall"], "attn_f1": prf["f1"],
+            "attn_correctness": float(corr.mean()),
+            "attn_correctness_uniform": float(attn["coverage"].float().mean()),  # uniform attention's mass
+            "attn_words": prf["n_words"]}
+
+
+def load_run_model(run_dir, which: str = "best", device="cpu") -> tuple[ShowAttendTell, Vocab, dict, dict]:
+    """(model in eval mode, vocab, checkpoint, run config) of a run; ``best`` falls back to ``last``."""
+    run = RunDir(run_dir)
+    config = run.read_config()
+    ckpt = run.load_checkpoint(which, map_location="cpu")
+    if ckpt is None and which == "best":
+        which, ckpt = "last", run.load_checkpoint("last", map_location="cpu")
+    if ckpt is None:
+        raise FileNotFoundError(f"run {run.path} has no checkpoint ({run.checkpoints}/best.pt or last.pt)")
+    vocab = Vocab.from_dict(ckpt["vocab"])
+    model = ShowAttendTell(**ckpt["model_args"])
+    model.load_state_dict(ckpt["model"])
+    ckpt["name"] = which
+    return model.to(device).eval(), vocab, ckpt, config
+
+
+def evaluate_caption(run_dir, split: str = "test", beam_size: int | None = None, max_images: int | None = None,
+                     figures: int = 8, *, device: str | None = None, store: str | None = None,
+                     image_root: str | None = None, progress: bool = False, batch_images: int | None = None,
+                     scorer: CaptionScorer | None = None) -> dict:
+    """Evaluate the run in ``run_dir`` on ``split`` of its store; returns the scores (also in eval/).
+
+    ``store`` overrides the store URL recorded in the run (a moved copy; its fingerprint must match);
+    ``image_root`` where the images are for the figures (default: the run's, then the store's);
+    ``scorer`` an open :class:`CaptionScorer` to reuse (one METEOR JVM for many evaluations).
+    """
+    from .distributed import resolve_device
+
+    started = time.time()
+    run = RunDir(run_dir)
+    dev = resolve_device(device or "auto")
+    model, vocab, ckpt, config = load_run_model(run_dir, device=dev)
+    url = store or config["store"]
+    fp = store_fingerprint(url)
+    if fp != config.get("store_fingerprint"):
+        raise ValueError(f"store {url} has fingerprint {fp}, but run {run.path} was trained on a store with "
+                         f"fingerprint {config.get('store_fingerprint')}; evaluate on that store")
+    info = store_info(url)
+    beam = int(beam_size or config.get("beam_size", 3))
+    max_len = int(config.get("max_len", vocab.max_len))
+    rows = split_rows(url, split)
+    if max_images is not None:
+        rows = rows[: int(max_images)]
+    transform = CaptionTransform(vocab, info["grid_size"], ica=info["has_ica"],
+                                 score_threshold=float(config.get("ica_score_threshold", 0.5)),
+                                 cover_threshold=float(config.get("ica_cover_threshold", 0.5)), url=url)
+    loader, _ = caption_loader(CaptionBatches(url, transform, rows=rows), batch_images or config.get("batch_images", 16),
+                               shuffle=False, num_workers=0)
+    items, attn = decode_split(model, loader, vocab, beam, max_len, dev, progress, attention=info["has_ica"])
+    gts = {it["row"]: it["references"] for it in items}
+    res = {it["row"]: it["caption"] for it in items}
+    scores = scorer.score(gts, res) if scorer is not None else score_captions(gts, res)
+    notes = scores.pop("notes")
+    scores.update(attention_scores(attn) if info["has_ica"] else {})
+    if not info["has_ica"]:
+        notes.append("attention metrics not computed: the store has no instances/matches groups")
+    scores.update({"split": split, "n_images": len(items), "beam_size": beam, "checkpoint": ckpt["name"],
+                   "epoch": int(ckpt["epoch"]), "step": int(ckpt["step"]), "store": str(url),
+                   "store_fingerprint": fp, "objects_per_caption": attn.get("objects_per_caption"),
+                   "notes": notes, "seconds": round(time.time() - started, 2)})
+    run.create()
+    names = [f"captions_{split}.json", f"scores_{split}.json"] + (["captions.json", "scores.json"] if split == "test" else [])
+    for name in names:
+        data = items if name.startswith("captions") else scores
+        (run.eval / name).write_text(json.dumps(data, indent=1, default=_json_default))
+    fig_paths = _attention_figures(run, url, image_root or config.get("image_root") or info["image_root"], vocab,
+                                   attn, items, figures, float(config.get("ica_score_threshold", 0.5)),
+                                   info["grid_size"], split) if info["has_ica"] and figures else []
+    _write_report(run, scores, config, fig_paths)
+    return scores
+
+
+def _json_default(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return str(x)
+
+
+# ------------------------------------------------------------------------------------------- figures
+def attention_figure(image: np.ndarray, panels: list[dict], caption: str, title: str = ""):
+    """A matplotlib Figure (Agg, no pyplot): per panel the image, the word's attention map upsampled over
+    it (jet, translucent), and the word's merged mask outlined in white.
+
+    ``panels``: dicts with ``word``, ``alpha`` (G, G), ``mask`` (H, W) bool, ``correctness`` float.
+    """
+    import textwrap
+
+    from matplotlib.figure import Figure
+
+    h, w = image.shape[:2]
+    n = max(1, len(panels))
+    fig = Figure(figsize=(3.0 * n, 3.0 * h / w + 1.3), dpi=100)
+    for j, p in enumerate(panels):
+        ax = fig.add_subplot(1, n, j + 1)
+        ax.imshow(image)
+        alpha = np.asarray(p["alpha"], dtype=np.float32)
+        ax.imshow(alpha / max(float(alpha.max()), 1e-12), cmap="jet", alpha=0.45, extent=(0, w, h, 0),
+                  interpolation="bilinear", vmin=0, vmax=1)
+        if np.asarray(p["mask"]).any():
+            ax.contour(np.asarray(p["mask"], dtype=np.float32), levels=[0.5], colors="white", linewidths=1.5)
+        ax.set_xlim(0, w)
+        ax.set_ylim(h, 0)
+        ax.set_axis_off()
+        # colours are alpha / max(alpha): the title gives the scale (uniform attention is 1/P everywhere)
+        ax.set_title(f"{p['word']}: in mask {p['correctness']:.2f}\nmax {alpha.max():.3f}, uniform {1 / alpha.size:.3f}",
+                     fontsize=8)
+    text = "\n".join(textwrap.fill(line, 48 * n) for line in caption.splitlines())
+    fig.suptitle(f"{title}\n{text}" if title else text, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _attention_figures(run: RunDir, url, image_root, vocab: Vocab, attn: dict, items: list[dict], limit: int,
+                       score_threshold: float, G: int, split: str) -> list[Path]:
+    """Figures for the first ``limit`` images with matched words (their first caption that has one)."""
+    store = open_store(url, image_root=image_root)
+    by_caption: dict[tuple[int, int], list[int]] = {}
+    for j, (row, c, _, _) in enumerate(attn["words"]):
+        by_caption.setdefault((row, c), []).append(j)
+    chosen, seen = [], set()
+    for (row, c), js in by_caption.items():
+        if row not in seen and len(chosen) < limit:
+            seen.add(row)
+            chosen.append((row, c, js))
+    generated = {it["row"]: it["caption"] for it in items}
+    paths = []
+    for row, c, js in chosen:
+        tokens = store.tokens(row)[c]
+        try:
+            image = np.asarray(store.image(row).convert("RGB"))
+        except (FileNotFoundError, OSError, AttributeError, KeyError):
+            h, w = store.hw(row)  # images moved: draw over grey, the attention/mask still tell the story
+            image = np.full((h, w, 3), 200, np.uint8)
+        panels = []
+        for j in js[:4]:
+            _, _, k, _ = attn["words"][j]
+            alpha = attn["alphas"][j]
+            panels.append({"word": tokens[k] if k < len(tokens) else f"token {k}", "alpha": alpha.reshape(G, G).numpy(),
+                           "mask": store.merged_mask(row, c, k, score_threshold=score_threshold, size="image"),
+                           "correctness": float((alpha / alpha.sum() * attn["coverage"][j]).sum())})
+        fig = attention_figure(image, panels, f"GT: {' '.join(tokens)}\ngenerated: {generated.get(row, '')}",
+                               f"row {row} caption {c} (teacher-forced attention)")
+        path = run.figures / f"attention_{split}_row{row:06d}.png"
+        fig.savefig(path)
+        paths.append(path)
+    return paths
+
+
+# -------------------------------------------------------------------------------------------- report
+def _fmt(v) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.4f}"
+
+
+def _write_report(run: RunDir, scores: dict, config: dict, figures: list[Path]) -> None:
+    rows = [("BLEU-1", "Bleu_1"), ("BLEU-2", "Bleu_2"), ("BLEU-3", "Bleu_3"), ("BLEU-4", "Bleu_4"),
+            ("METEOR", "METEOR"), ("ROUGE-L", "ROUGE_L"), ("CIDEr", "CIDEr"), ("SPICE", "SPICE"),
+            ("attention precision", "attn_precision"), ("attention recall", "attn_recall"),
+            ("attention F1", "attn_f1"), ("attention correctness", "attn_correctness"),
+            ("correctness of uniform attention (chance)", "attn_correctness_uniform")]
+    lines = [f"# Captioning evaluation: {run.path.name}", "",
+             f"Split **{scores['split']}**, {scores['n_images']} images, beam {scores['beam_size']}, "
+             f"checkpoint `{scores['checkpoint']}` (epoch {scores['epoch']}, step {scores['step']}).", "",
+             "| metric | value |", "|---|---|"]
+    lines += [f"| {name} | {_fmt(scores.get(key))} |" for name, key in rows if key in scores]
+    lines += ["", f"Attention metrics over {scores.get('attn_words', 0)} matched word tokens of the ground-truth "
+              f"captions (teacher forcing); {_fmt(scores.get('objects_per_caption'))} matched objects per caption.", ""]
+    if scores["notes"]:
+        lines += ["Notes:", ""] + [f"- {n}" for n in scores["notes"]] + [""]
+    lines += ["## How this was made", "",
+              f"- store: `{scores['store']}`, fingerprint `{scores['store_fingerprint']}`",
+              f"- model: Show-Attend-Tell, ICA weight {config.get('ica_weight')}, embed/attn/hidden "
+              f"{config.get('embed_dim')}/{config.get('attn_dim')}/{config.get('hidden_dim')}, seed {config.get('seed')}",
+              "- captions: batched beam search; scores: pycocoevalcap (PTB tokenizer, corpus-level)",
+              "- attention (METHODS.md section 8): reference cells covered >= 50% by the word's merged mask "
+              "(else the best-covered cells), attended set = top cells up to half the attention mass; "
+              "correctness = attention mass inside the mask",
+              f"- outputs: `eval/captions_{scores['split']}.json`, `eval/scores_{scores['split']}.json`", ""]
+    if figures:
+        lines += ["## Attention figures", ""] + [f"![{p.stem}](figures/{p.name})" for p in figures] + [""]
+    (run.path / "report.md").write_text("\n".join(lines))

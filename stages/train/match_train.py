@@ -1,0 +1,434 @@
+"""Image-text matching training (SCAN, MMCA) streamed from a store; METHODS §4, §6, §7, §10.
+
+Loss per batch (``txt_img`` maps each caption to its image; same-image pairs are not negatives):
+
+    L = triplet_hardest(S, margin) + λ_ccr CCR + λ_ccs CCS + λ_ica ICA
+
+- ``S``: SCAN's all-pairs similarity / MMCA's S(I, T) for every pair of the batch (differentiable).
+- Word -> region attention of the matched pairs (query q_i, values v_j, weights w_ij): SCAN t2i's
+  softmax(λ1 s̄) (``SCAN.attention``); MMCA's cross-unit attention, word rows restricted to region keys
+  and renormalised. A matched word spanning several text positions (Karpathy tokens, BERT pieces) is
+  one query: its positions' q and w rows averaged (``match_pos``); a_i = Σ_j w_ij v_j.
+- CCR/CCS (METHODS §7, ``losses.ccr_loss``/``ccs_loss``) on those matched words only.
+- ICA for matching (ours, after METHODS §2): Lovász hinge between a word's attention *scores* over
+  regions and its region labels (``match_data``: regions >= 50% inside the merged mask, non-empty
+  rule). Scores: SCAN's pre-softmax λ1 s̄_ij (``logits``); MMCA has one softmax per head, so we use
+  log(w_ij · R_valid) — the log of the renormalised weight relative to uniform, positive exactly when a
+  region gets more than its uniform share. Padded regions get a score of -100 (never foreground, and
+  they sort last, so the hinge equals the one over real regions only).
+
+Training: Adam, lr × ``lr_decay`` from epoch ``lr_decay_epoch`` (MMCA: 10 + 10 epochs), gradient
+clipping, validation rsum after every epoch, the ``best`` checkpoint on validation rsum, ``last`` for
+resume (mid-epoch too: sampler position, optimizer, RNG states), ``metrics.jsonl`` and loss curves.
+Under torchrun: DDP, a sharded sampler, rank 0 writes the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ...pipeline.config import from_dict, to_dict
+from ...pipeline.runs import RunDir, plot_curves
+from ...storage.backends import open_backend
+from .caption_data import split_rows, store_fingerprint, train_tokens
+from .distributed import barrier, init_distributed, is_main, resolve_device, unwrap, wrap_model
+from .losses import ccr_loss, ccs_loss, hardest_negative_triplet, lovasz_hinge
+from .match_data import MatchDataset, load_split, match_loader, resolve_positions
+from .mmca import MMCA
+from .retrieval import recall_at_k
+from .scan import SCAN
+from .text_cache import check_text_cache
+from .text_encoders import encode_tokens, load_bert
+from .vocab import Vocab
+
+PAD_SCORE = -100.0
+# Options that may change between a run and its resumption (how it runs, not what it computes).
+RUNTIME_KEYS = {"epochs", "device", "num_workers", "checkpoint_every", "log_every", "max_steps", "val_rerank_top"}
+
+
+@dataclass
+class MatchTrainConfig:
+    model: str = "scan"  # scan | mmca
+    store: str = ""
+    text_cache: str | None = None  # MMCA: cached BERT outputs (`vlcache store text-cache`); None = BERT online
+    bert: str | None = None  # MMCA without cache: BERT name/path (None = bundled all-MiniLM-L6-v2)
+    train_split: str = "train"
+    val_split: str = "val"
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 2e-4
+    lr_decay_epoch: int = 10
+    lr_decay: float = 0.1
+    grad_clip: float = 2.0  # 0 = off
+    margin: float = 0.2
+    region_norm: bool = False  # standardise region features with training-split statistics (MatchNet)
+    captions: str = "one"  # one | all captions per image per step (match_data)
+    ccr: float = 0.0
+    ccs: float = 0.0
+    ica: float = 0.0
+    gamma_r: float = 0.2
+    gamma_s: float = 0.2
+    ica_score_threshold: float = 0.5  # instances in a word's merged mask
+    inside_threshold: float = 0.5  # region box fraction inside the mask to be a reference
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = 0
+    window_blocks: int = 4
+    checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0 = at epoch ends only
+    log_every: int = 10
+    max_steps: int = 0  # stop after this many steps in total (checkpointed; resumable); 0 = no limit
+    val_rerank_top: int = 0  # MMCA validation by shortlist-and-rerank with this K; 0 = exact
+    # SCAN
+    embed: int = 1024
+    word_dim: int = 300
+    direction: str = "t2i"
+    agg: str = "avg"
+    lambda_softmax: float | None = None
+    lambda_lse: float | None = None
+    vocab_min_count: int = 5
+    max_words: int = 50
+    # MMCA
+    d: int = 256
+    heads: int = 16
+    alpha: float = 0.2
+    dropout: float = 0.1
+    text_len: int = 32  # BERT truncation when encoding online
+
+    def __post_init__(self):
+        if self.model not in ("scan", "mmca"):
+            raise ValueError(f"model must be 'scan' or 'mmca', got {self.model!r}")
+        needs_attention = self.ccr > 0 or self.ccs > 0 or self.ica > 0
+        if self.model == "scan" and self.direction != "t2i" and needs_attention:
+            raise ValueError("CCR/CCS/ICA constrain word->region attention: SCAN direction must be 't2i'")
+
+
+# ---------------------------------------------------------------------------------------- the model
+def model_args(cfg: MatchTrainConfig, region_dim: int, vocab_size: int = 0, text_dim: int = 0) -> dict:
+    if cfg.model == "scan":
+        return dict(kind="scan", vocab_size=vocab_size, direction=cfg.direction, lambda_softmax=cfg.lambda_softmax,
+                    agg=cfg.agg, lambda_lse=cfg.lambda_lse, embed=cfg.embed, region_dim=region_dim,
+                    word_dim=cfg.word_dim)
+    return dict(kind="mmca", region_dim=region_dim, text_dim=text_dim, d=cfg.d, heads=cfg.heads, alpha=cfg.alpha,
+                dropout=cfg.dropout)
+
+
+class MatchNet(nn.Module):
+    """SCAN or MMCA behind one interface (tensors in, tensors out), so DDP wraps a single forward.
+
+    ``feat_mean``/``feat_std`` (buffers, saved with the model) standardise region features before the
+    model when ``region_norm`` is on (ours, off by default as in the papers): features whose variation
+    is small against a large shared mean (e.g. from a randomly initialised backbone) otherwise make
+    every region embedding nearly the same direction and learning crawls.
+    """
+
+    def __init__(self, kind: str, **kw):
+        super().__init__()
+        self.kind = kind
+        self.net = SCAN(**kw) if kind == "scan" else MMCA(**kw)
+        dim = kw["region_dim"]
+        self.register_buffer("feat_mean", torch.zeros(dim))
+        self.register_buffer("feat_std", torch.ones(dim))
+
+    def regions(self, feats: torch.Tensor) -> torch.Tensor:
+        """Region features as the model sees them (float, standardised when statistics are set)."""
+        return (feats.to(self.feat_mean.dtype) - self.feat_mean) / self.feat_std
+
+    def forward(self, batch: dict, attention: bool = True) -> dict:
+        """``sim (P, P)``: row p = image of caption p, column = caption (the loss's layout). With
+        ``attention``: matched-pair word->region ``query (P, L, d)``, ``values (P, R, d)``, ``weights
+        (P, L, R)``, ``scores (P, L, R)`` (module doc) and ``value_mask (P, R)``."""
+        ti, rmask = batch["txt_img"], batch["region_mask"]
+        if self.kind == "scan":
+            img = self.net.encode_image(self.regions(batch["regions"]))
+            cap = self.net.encode_text(batch["tokens"], batch["lengths"])
+            out = {"sim": self.net.sim_matrix(img, rmask, cap, batch["lengths"])[ti]}
+            if attention and self.net.direction == "t2i":
+                a = self.net.attention(img[ti], rmask[ti], cap, batch["lengths"])
+                out.update(query=a["query"], values=a["values"], weights=a["weights"], scores=a["logits"],
+                           value_mask=a["key_mask"])
+            return out
+        m = self.net(self.regions(batch["regions"][ti]), rmask[ti], batch["words"], batch["word_mask"], all_pairs=True)
+        out = {"sim": m["sim"]}
+        if attention:
+            vm = rmask[ti]
+            logw = torch.log(m["attn"].clamp_min(1e-12)) + torch.log(vm.sum(1).float())[:, None, None]
+            out.update(query=m["word_embed"], values=m["region_embed"], weights=m["attn"],
+                       scores=logw.masked_fill(~vm[:, None, :], float("-inf")), value_mask=vm)
+        return out
+
+
+def word_views(out: dict, batch: dict) -> dict:
+    """Per matched word: q (n, d), w (n, R), values (n, R, d), value_mask (n, R), scores (n, R)."""
+    m, pos = batch["match_txt"], batch["match_pos"].to(out["query"].dtype)
+    vm = out["value_mask"][m]
+    scores = torch.einsum("nl,nlr->nr", pos, out["scores"][m].masked_fill(~vm[:, None, :], 0.0))
+    return {"q": torch.einsum("nl,nld->nd", pos, out["query"][m]), "w": torch.einsum("nl,nlr->nr", pos, out["weights"][m]),
+            "values": out["values"][m], "value_mask": vm, "scores": scores.masked_fill(~vm, PAD_SCORE)}
+
+
+def match_losses(out: dict, batch: dict, cfg: MatchTrainConfig, generator: torch.Generator | None = None,
+                 terms: tuple[str, ...] | None = None) -> dict:
+    """``{"loss", "triplet", "ccr", "ccs", "ica"}`` (module doc). ``terms`` forces extra terms to be
+    computed (and logged) even at weight 0; by default only weighted terms are computed."""
+    terms = set(terms or ()) | {t for t in ("ccr", "ccs", "ica") if getattr(cfg, t) > 0}
+    res = {"triplet": hardest_negative_triplet(out["sim"], cfg.margin, image_ids=batch["txt_img"])}
+    if terms:
+        if "query" not in out:
+            raise ValueError("CCR/CCS/ICA need the word->region attention (SCAN t2i or MMCA)")
+        v = word_views(out, batch)
+        if "ccr" in terms:
+            res["ccr"] = ccr_loss(v["q"], v["values"], v["w"], cfg.gamma_r, v["value_mask"])
+        if "ccs" in terms:
+            attended = torch.einsum("nr,nrd->nd", v["w"], v["values"])
+            res["ccs"] = ccs_loss(v["q"], attended, batch["match_txt"], cfg.gamma_s, generator)
+        if "ica" in terms:
+            has = batch["match_has_ref"]
+            res["ica"] = lovasz_hinge(v["scores"][has], batch["match_labels"][has].to(v["scores"].device))
+    res["loss"] = res["triplet"] + sum(getattr(cfg, t) * res[t] for t in ("ccr", "ccs", "ica") if t in res)
+    return res
+
+
+# ---------------------------------------------------------------------------------------- data setup
+class TextEncoder:
+    """Frozen BERT for MMCA batches that have no cached outputs: adds ``words/word_mask/offsets``."""
+
+    def __init__(self, bert, max_len: int, device):
+        self.tokenizer, self.model = load_bert(bert, device=device)
+        self.max_len, self.device = max_len, device
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    def __call__(self, batch: dict) -> dict:
+        if "words" not in batch:
+            h, m, o = encode_tokens(batch["texts"], self.tokenizer, self.model, self.max_len, self.device,
+                                    out_device="cpu")
+            batch.update(words=h, word_mask=m, offsets=o)
+            resolve_positions(batch, "mmca")
+        return batch
+
+
+def region_stats(store: str, rows: np.ndarray, max_rows: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and std of the valid region features of (up to ``max_rows`` evenly spaced) rows."""
+    rows = rows[np.linspace(0, len(rows) - 1, min(len(rows), max_rows)).round().astype(int)]
+    s1 = s2 = None
+    n = 0
+    with open_backend(store, "r") as be:
+        for s in range(0, len(rows), 256):
+            part = rows[s:s + 256]
+            feats = torch.from_numpy(np.asarray(be.read("regions/feats", part))).double()
+            valid = torch.arange(feats.shape[1])[None] < torch.from_numpy(np.asarray(be.read("regions/count", part)))[:, None]
+            f = feats[valid]
+            s1 = f.sum(0) if s1 is None else s1 + f.sum(0)
+            s2 = f.pow(2).sum(0) if s2 is None else s2 + f.pow(2).sum(0)
+            n += f.shape[0]
+    if n == 0:
+        raise ValueError(f"store {store}: no regions to compute feature statistics from")
+    mean = s1 / n
+    std = (s2 / n - mean.pow(2)).clamp_min(0).sqrt()
+    return mean.float(), std.clamp_min(1e-3 * float(std.max()) + 1e-12).float()  # constant dims: no blow-up
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def build_vocab(cfg: MatchTrainConfig) -> Vocab:
+    return Vocab.build(train_tokens(cfg.store, split_rows(cfg.store, cfg.train_split)), cfg.vocab_min_count,
+                       cfg.max_words)
+
+
+def make_dataset(cfg: MatchTrainConfig, split: str, vocab: Vocab | None, captions: str, labels: bool) -> MatchDataset:
+    return MatchDataset(cfg.store, kind=cfg.model, text_cache=cfg.text_cache, vocab=vocab, split=split,
+                        captions=captions, seed=cfg.seed, labels=labels, score_threshold=cfg.ica_score_threshold,
+                        inside_threshold=cfg.inside_threshold, cache_blocks=cfg.window_blocks)
+
+
+def text_dim(cfg: MatchTrainConfig, encoder: TextEncoder | None) -> int:
+    if cfg.text_cache:
+        return int(check_text_cache(cfg.text_cache, cfg.store)["text_encoder"]["hidden_size"])
+    return encoder.dim
+
+
+# ---------------------------------------------------------------------------------------- scoring
+@torch.no_grad()
+def similarity(net: MatchNet, data: dict, device, rerank_top: int = 0, block: int = 1024) -> dict:
+    """Scores of every (image, caption) pair of a split batch (``load_split``) in eval mode.
+
+    Returns ``sim (n_img, n_txt)`` (CPU) and, for MMCA with ``rerank_top``, ``sim_t2i`` and ``n_pairs``
+    (shortlist-and-rerank, METHODS §4); MMCA without it scores every pair exactly.
+    """
+    was = net.training
+    net.eval()
+    try:
+        regions, rmask = data["regions"], data["region_mask"]
+        if net.kind == "scan":
+            img = torch.cat([net.net.encode_image(net.regions(regions[s:s + 256].to(device)))
+                             for s in range(0, len(regions), 256)])
+            cap = torch.cat([net.net.encode_text(data["tokens"][s:s + 512].to(device), data["lengths"][s:s + 512])
+                             for s in range(0, len(data["tokens"]), 512)])
+            return {"sim": net.net.sim_matrix(img, rmask.to(device), cap, data["lengths"].to(device)).cpu()}
+        regions = torch.cat([net.regions(regions[s:s + 256].to(device)) for s in range(0, len(regions), 256)])
+        if rerank_top:
+            r = net.net.rerank(None, rerank_top, regions, rmask, data["words"], data["word_mask"], block)
+            return {"sim": r["i2t"].cpu(), "sim_t2i": r["t2i"].cpu(), "n_pairs": r["n_pairs"]}
+        return {"sim": net.net.score_matrix(regions, rmask, data["words"], data["word_mask"], block).cpu()}
+    finally:
+        net.train(was)
+
+
+def retrieval_metrics(net: MatchNet, data: dict, device, rerank_top: int = 0) -> dict:
+    s = similarity(net, data, device, rerank_top)
+    return recall_at_k(s["sim"], data["txt_img"], sim_t2i=s.get("sim_t2i"))
+
+
+# ---------------------------------------------------------------------------------------- training
+def _lr(cfg: MatchTrainConfig, epoch: int) -> float:
+    return cfg.lr * (cfg.lr_decay if epoch >= cfg.lr_decay_epoch else 1.0)
+
+
+def _check_resume(run: RunDir, cfg: MatchTrainConfig) -> None:
+    saved = run.read_config()
+    diff = [k for k, v in to_dict(cfg).items() if k not in RUNTIME_KEYS and saved.get(k) != v]
+    if diff:
+        raise ValueError(f"run {run.path} was started with a different config ({', '.join(diff)}: "
+                         f"{[(saved.get(k), getattr(cfg, k)) for k in diff]}); use a new run directory")
+
+
+def train_match(cfg: MatchTrainConfig, run_dir, resume: bool = True) -> dict:
+    """Train (or resume) a matching model into ``run_dir``; returns a summary dict (module doc)."""
+    if not cfg.store:
+        raise ValueError("MatchTrainConfig.store is empty: give the store URL to train on")
+    run = RunDir(run_dir)
+    info = init_distributed(resolve_device(cfg.device))
+    device = resolve_device(cfg.device, info.local_rank)
+    state = run.load_checkpoint("last") if run.exists() else None
+    if run.exists() and not resume:
+        raise FileExistsError(f"run {run.path} exists; resume it or choose a new run directory")
+    if run.exists():
+        _check_resume(run, cfg)
+    torch.manual_seed(cfg.seed)
+    with open_backend(cfg.store, "r") as be:
+        region_dim = be.layout.capacities.region_dim
+    encoder = TextEncoder(cfg.bert, cfg.text_len, device) if cfg.model == "mmca" and not cfg.text_cache else None
+    vocab = None
+    if cfg.model == "scan":
+        vocab = Vocab.from_dict(json.loads((run.path / "vocab.json").read_text())) if run.exists() else build_vocab(cfg)
+    args = model_args(cfg, region_dim, len(vocab) if vocab else 0, text_dim(cfg, encoder) if cfg.model == "mmca" else 0)
+    net = MatchNet(**args)
+    if cfg.region_norm:
+        net.feat_mean, net.feat_std = region_stats(cfg.store, split_rows(cfg.store, cfg.train_split))
+    net = net.to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    gen = torch.Generator().manual_seed(cfg.seed)  # CCS derangements
+    labels = cfg.ccr > 0 or cfg.ccs > 0 or cfg.ica > 0
+    train_ds = make_dataset(cfg, cfg.train_split, vocab, cfg.captions, labels)
+    loader, sampler = match_loader(train_ds, cfg.batch_size, seed=cfg.seed, window_blocks=cfg.window_blocks,
+                                   rank=info.rank, world_size=info.world_size, drop_last=info.world_size > 1,
+                                   num_workers=cfg.num_workers)
+    val = load_split(make_dataset(cfg, cfg.val_split, vocab, "all", False)) if is_main() else None
+    if val is not None and encoder is not None:
+        val = encoder(val)
+    epoch, batches, step, best = 0, 0, 0, {"rsum": -1.0, "epoch": -1}
+    if state is not None:
+        net.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["rng"])
+        gen.set_state(state["ccs_rng"])
+        epoch, batches, step = int(state["epoch"]), int(state["batches"]), int(state["step"])
+        best = {"rsum": float(state["best_rsum"]), "epoch": int(state["best_epoch"])}
+        if is_main():
+            run.truncate_metrics(lambda r: r.get("step", 0) <= step)
+    elif is_main():
+        if run.metrics_path.is_file():
+            run.truncate_metrics(lambda r: False)  # a run killed before its first checkpoint starts over
+        run.create()
+        run.write_config({**to_dict(cfg), "store_fingerprint": store_fingerprint(cfg.store),
+                          "model_args": args, "region_dim": region_dim})
+        if vocab is not None:
+            (run.path / "vocab.json").write_text(json.dumps(vocab.to_dict()))
+    model = wrap_model(net, device)
+
+    def save(name: str, **extra):
+        if is_main():
+            run.save_checkpoint(name, {
+                "model": net.state_dict(), "optimizer": opt.state_dict(), "model_args": args,
+                "vocab": vocab.to_dict() if vocab else None, "epoch": epoch, "batches": batches, "step": step,
+                "sampler": sampler.state_dict(position=batches * cfg.batch_size), "rng": torch.get_rng_state(),
+                "ccs_rng": gen.get_state(), "best_rsum": best["rsum"], "best_epoch": best["epoch"], **extra})
+
+    started, stopped, last_val = time.time(), False, None
+    while epoch < cfg.epochs and not stopped:
+        for g in opt.param_groups:
+            g["lr"] = _lr(cfg, epoch)
+        sampler.set_epoch(epoch)
+        epoch_batches = batches + len(loader)  # len counts what is left of a resumed epoch
+        net.train()
+        for batch in loader:
+            batch = to_device(encoder(batch) if encoder else batch, device)
+            res = match_losses(model(batch, attention=labels), batch, cfg, gen)
+            opt.zero_grad(set_to_none=True)
+            res["loss"].backward()
+            if cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+            opt.step()
+            batches, step = batches + 1, step + 1
+            if is_main() and (step % cfg.log_every == 0 or batches == 1):
+                run.log(step=step, epoch=epoch, lr=opt.param_groups[0]["lr"],
+                        **{k: float(v.detach()) for k, v in res.items()}, words=int(batch["match_txt"].numel()))
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                save("last")
+            if cfg.max_steps and step >= cfg.max_steps:
+                stopped = True
+                break
+        if stopped and batches < epoch_batches:
+            save("last")  # stopped mid-epoch: resume continues this epoch's order
+            break
+        epoch, batches = epoch + 1, 0
+        if is_main():
+            last_val = retrieval_metrics(net, val, device, cfg.val_rerank_top)
+            run.log(step=step, epoch=epoch - 1, **{f"val_{k}": v for k, v in last_val.items()})
+            if last_val["rsum"] > best["rsum"]:
+                best = {"rsum": last_val["rsum"], "epoch": epoch - 1}
+                save("best", val=last_val)
+        save("last")
+        barrier()
+    if is_main():
+        _curves(run)
+    return {"run_dir": str(run.path), "epochs_done": epoch, "step": step, "stopped": stopped,
+            "best_rsum": best["rsum"], "best_epoch": best["epoch"], "val": last_val,
+            "seconds": round(time.time() - started, 2)}
+
+
+def _curves(run: RunDir) -> None:
+    recs = run.metrics()
+    plot_curves([r for r in recs if "loss" in r], ["loss", "triplet", "ccr", "ccs", "ica"], run.figures / "loss.png",
+                title=run.path.name)
+    plot_curves([r for r in recs if "val_rsum" in r], ["val_rsum", "val_i2t_r1", "val_t2i_r1"],
+                run.figures / "val.png", x="epoch", title=run.path.name)
+
+
+def load_match_run(run_dir, which: str = "best", device="cpu") -> tuple[MatchNet, Vocab | None, dict, MatchTrainConfig]:
+    """(model in eval mode, vocab, checkpoint, config) of a run; ``best`` falls back to ``last``."""
+    run = RunDir(run_dir)
+    saved = run.read_config()
+    cfg = from_dict(MatchTrainConfig, {k: v for k, v in saved.items() if k in
+                                       {f.name for f in dataclasses.fields(MatchTrainConfig)}}, str(run.config_path))
+    ckpt = run.load_checkpoint(which) or (run.load_checkpoint("last") if which == "best" else None)
+    if ckpt is None:
+        raise FileNotFoundError(f"run {run.path} has no checkpoint ({run.checkpoints}/{which}.pt or last.pt)")
+    net = MatchNet(**ckpt["model_args"])
+    net.load_state_dict(ckpt["model"])
+    vocab = Vocab.from_dict(ckpt["vocab"]) if ckpt.get("vocab") else None
+    return net.to(device).eval(), vocab, ckpt, cfg

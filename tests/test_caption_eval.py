@@ -1,0 +1,118 @@
+"""Evaluation of a trained captioning run: files, caption metrics, attention metrics recomputed independently."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+from synth_store import make_synth_store
+
+from vlcache.stages.train.attention_metrics import attention_correctness, attention_prf
+from vlcache.stages.train.caption_eval import evaluate_caption, load_run_model
+from vlcache.stages.train.caption_metrics import CaptionScorer
+from vlcache.stages.train.caption_train import CaptionTrainConfig, train_caption
+from vlcache.stages.train.ica import ica_labels
+from vlcache.storage.store import open_store
+
+torch.set_num_threads(1)
+CAPTION_METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    with CaptionScorer() as s:  # one METEOR JVM (slow to start) for the whole module
+        yield s
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, scorer):
+    url, data_dir = make_synth_store()
+    run = tmp_path_factory.mktemp("eval") / "run"
+    cfg = CaptionTrainConfig(store=url, epochs=1, batch_images=8, lr=3e-3, embed_dim=32, attn_dim=32, hidden_dim=32,
+                             num_workers=0, device="cpu", beam_size=2, max_len=16, val_max_images=2)
+    train_caption(cfg, run, progress=False)
+    scores = evaluate_caption(run, "test", figures=3, device="cpu", scorer=scorer)
+    return url, data_dir, run, scores
+
+
+def test_evaluation_writes_captions_scores_report_and_figures(evaluated):
+    url, _, run, scores = evaluated
+    captions = json.loads((run / "eval" / "captions.json").read_text())
+    assert json.loads((run / "eval" / "scores.json").read_text()) == json.loads(json.dumps(scores))
+    assert (run / "eval" / "captions_test.json").is_file() and (run / "eval" / "scores_test.json").is_file()
+    store = open_store(url)
+    test_rows = store.rows("test").tolist()
+    assert [c["row"] for c in captions] == test_rows and scores["n_images"] == len(test_rows)
+    assert all(c["references"] == store.captions(c["row"]) for c in captions)
+    for key in CAPTION_METRICS:
+        assert 0.0 <= scores[key] <= (10.0 if key == "CIDEr" else 1.0), key
+    for key in ("attn_precision", "attn_recall", "attn_f1", "attn_correctness", "attn_correctness_uniform"):
+        assert 0.0 <= scores[key] <= 1.0, key
+    assert scores["attn_words"] > 0 and scores["objects_per_caption"] > 0
+    assert scores["SPICE"] is not None or any("SPICE" in n for n in scores["notes"])  # never silently absent
+    figures = sorted((run / "figures").glob("attention_test_row*.png"))
+    assert len(figures) == 3 and all(f.read_bytes()[:4] == b"\x89PNG" for f in figures)
+    report = (run / "report.md").read_text()
+    assert scores["store_fingerprint"] in report and "| CIDEr |" in report and "SPICE" in report
+    assert f"figures/{figures[0].name}" in report
+
+
+def test_caption_scores_equal_scoring_directly(evaluated, scorer):
+    _, _, run, scores = evaluated
+    captions = json.loads((run / "eval" / "captions.json").read_text())
+    direct = scorer.score({c["row"]: c["references"] for c in captions}, {c["row"]: c["caption"] for c in captions})
+    for key in CAPTION_METRICS:
+        assert scores[key] == pytest.approx(direct[key], abs=1e-9), key
+
+
+def test_captions_are_the_models_beam_search(evaluated):
+    url, _, run, scores = evaluated
+    model, vocab, ckpt, _ = load_run_model(run)
+    assert ckpt["name"] == "best" and scores["checkpoint"] == "best"
+    captions = json.loads((run / "eval" / "captions.json").read_text())
+    store = open_store(url)
+    feats = torch.stack([torch.as_tensor(store.grid(c["row"])) for c in captions])
+    seqs = model.beam_search(feats, beam_size=scores["beam_size"], max_len=16)
+    assert [vocab.decode_text(s) for s in seqs] == [c["caption"] for c in captions]
+
+
+def test_attention_metrics_recomputed_caption_by_caption(evaluated):
+    """Independent path: the store's notebook API (matches, merged_mask) and one forward per caption."""
+    url, _, run, scores = evaluated
+    model, vocab, _, _ = load_run_model(run)
+    store = open_store(url)
+    alphas, coverage = [], []
+    with torch.no_grad():
+        for row in store.rows("test").tolist():
+            feats = torch.as_tensor(store.grid(row))[None]
+            for c, tokens in enumerate(store.tokens(row)):
+                caps, lengths = vocab.encode_batch([tokens])
+                out = model(feats, caps, lengths)
+                for m in store.matches(row, c):
+                    for k in range(m["token_start"], m["token_end"]):
+                        alphas.append(out["alphas"][0, k])
+                        coverage.append(torch.as_tensor(store.merged_mask(row, c, k, size="grid")).reshape(-1))
+    alphas, coverage = torch.stack(alphas), torch.stack(coverage)
+    labels, keep = ica_labels(coverage)
+    prf = attention_prf(alphas[keep], labels[keep] > 0)
+    assert scores["attn_words"] == int(keep.sum()) == prf["n_words"]
+    assert scores["attn_precision"] == pytest.approx(prf["precision"], abs=1e-5)
+    assert scores["attn_recall"] == pytest.approx(prf["recall"], abs=1e-5)
+    assert scores["attn_f1"] == pytest.approx(prf["f1"], abs=1e-5)
+    corr = attention_correctness(alphas[keep], coverage[keep]).mean()
+    assert scores["attn_correctness"] == pytest.approx(float(corr), abs=1e-5)
+
+
+def test_evaluation_refuses_another_store(evaluated, tmp_path):
+    _, _, run, _ = evaluated
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    config["store_fingerprint"] = "sha256:0000"
+    (copy / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ValueError, match="fingerprint"):
+        evaluate_caption(copy, "test", figures=0, device="cpu")
+    shutil.rmtree(copy / "checkpoints")
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load_run_model(copy)
