@@ -76,6 +76,38 @@ def store_verify(url: str = typer.Argument(..., help="Store path or URL.")):
         raise typer.Exit(1)
 
 
+@store_app.command("import")
+def store_import(
+    dataset: Path = typer.Argument(..., help="Karpathy JSON, COCO captions JSON or JSONL of the images."),
+    source: str = typer.Argument(..., help="BUTD TSV file/dir/glob, directory of .npz, or SCAN *_ims.npy."),
+    out: str = typer.Argument(..., help="Store to create."),
+    fmt: str = typer.Option("auto", "--format", help="auto | tsv | npz | scan."),
+    ids_file: Optional[Path] = typer.Option(None, help="SCAN: the *_ids.txt beside *_ims.npy."),
+    image_root: Optional[Path] = typer.Option(None, help="Image folder (default: beside the dataset file)."),
+    regions: int = typer.Option(36, help="Region capacity per image (more are truncated, counted)."),
+    block_size: int = typer.Option(64, help="Rows per block (chunk)."),
+    match: bool = typer.Option(True, "--match/--no-match", help="Also match COCO class words in captions."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store."),
+):
+    """Import existing bottom-up features (BUTD TSV, per-image .npz, SCAN .npy) without re-extraction.
+
+    Ids that do not match the dataset are reported (count and examples), never dropped silently.
+    """
+    from .pipeline.datasets import DatasetError, load_dataset
+    from .stages.extract.importers import FeatureImportError, format_import_report, import_features
+    from .stages.extract.matching import ClassWordMatcher
+    from .storage.errors import StoreError
+
+    try:
+        data = load_dataset(dataset, image_root, check_images=False)
+        matcher = ClassWordMatcher.coco() if match else None
+        report = import_features(data, source, out, fmt=fmt, ids_file=ids_file, block_size=block_size,
+                                 regions=regions, matcher=matcher, overwrite=overwrite)
+    except (DatasetError, FeatureImportError, StoreError, ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    typer.echo(format_import_report(report))
+
+
 @app.command("extract")
 def extract_cmd(
     dataset: Path = typer.Option(..., help="Karpathy JSON, COCO captions JSON or JSONL file."),

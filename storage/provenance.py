@@ -44,6 +44,7 @@ def base_attrs(
     sources: list,
     config: dict,
     classes: list[str] | None = None,
+    image_root=None,
 ) -> dict:
     """Root attributes describing a store's dataset, sources, config and software (JSON-normalised).
 
@@ -58,6 +59,7 @@ def base_attrs(
         srcs.append({"path": p, "sha256": sha256_file(p), "bytes": os.path.getsize(p)})
     return {
         "dataset": str(dataset_name),
+        "image_root": None if image_root is None else os.fspath(image_root),
         "splits": to_jsonable({str(k): int(v) for k, v in splits.items()}, "splits"),
         "sources": srcs,
         "config": to_jsonable(config, "config"),

@@ -14,7 +14,7 @@ import numpy as np
 
 from .backends import Backend, open_backend
 from .errors import StoreError
-from .masks import merged_grid_coverage, paste_masks, grid_coverage, resize_masks
+from .masks import grid_coverage, merged_grid_coverage, paste_masks, resize_masks
 from .schema import SPLITS, split_code
 
 __all__ = ["Store", "open_store", "RowNotDoneError"]
@@ -45,7 +45,15 @@ class Store:
         self._errors: np.ndarray | None = None
         self._ids: np.ndarray | None = None
         self._id_index: dict[str, int] | None = None
-        self._color_of: dict[int, tuple] = {}
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     # ------------------------------------------------------------------------------------- metadata
     def __len__(self) -> int:
@@ -318,34 +326,36 @@ def _render(store: Store, k: int, caption: int, word, ax, score_threshold: float
     ax.set_axis_off()
     ax.set_title(title, fontsize=9)
 
-    has_inst = "instances" in store.layout.groups
-    toks = store.tokens(k)[caption] if caption < len(store.tokens(k)) else []
+    all_tokens = store.tokens(k)
+    if not 0 <= caption < len(all_tokens):
+        raise IndexError(f"row {k} (image id {store._id(k)!r}) has {len(all_tokens)} captions; no caption {caption}")
+    toks = all_tokens[caption]
     matches = store.matches(k, caption) if "matches" in store.layout.groups and toks else []
-    colors = {}
-    if has_inst:
+    chosen = store._match_of(k, caption, word) if word is not None else None
+    if "instances" in store.layout.groups:
         inst = store.instances(k)
         keep = inst["scores"] >= score_threshold
-        if word is not None:
-            keep &= inst["labels"] == store._match_of(k, caption, word)["label"]
-        probs = paste_masks(inst["boxes"][keep], inst["masks"][keep], (h, w))
+        if chosen is not None:
+            keep &= inst["labels"] == chosen["label"]
+        sel = np.flatnonzero(keep)
+        sel = sel[np.argsort(inst["scores"][sel])]  # highest score drawn last, on top
+        probs = paste_masks(inst["boxes"][sel], inst["masks"][sel], (h, w))
         overlay = np.zeros((h, w, 4), np.float32)
-        order = np.argsort(inst["scores"][keep])  # highest score drawn last, on top
-        for j in order:
-            lab = int(inst["labels"][keep][j])
-            col = colors.setdefault(lab, _class_color(lab))
-            overlay[probs[j] >= 0.5] = (*col[:3], 0.45)
-            x1, y1, x2, y2 = inst["boxes"][keep][j]
+        for p, j in zip(probs, sel):
+            col = _class_color(inst["labels"][j])
+            overlay[p >= 0.5] = (*col[:3], 0.45)
+            x1, y1, x2, y2 = inst["boxes"][j]
             ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=col, linewidth=1.5))
-            ax.text(x1, y1, f"{inst['class_names'][np.flatnonzero(keep)[j]]} {inst['scores'][keep][j]:.2f}",
-                    fontsize=7, color="white", va="bottom", bbox=dict(facecolor=col, alpha=0.8, pad=1, lw=0))
+            ax.text(x1, y1, f"{inst['class_names'][j]} {inst['scores'][j]:.2f}", fontsize=7, color="white",
+                    va="bottom", bbox=dict(facecolor=col, alpha=0.8, pad=1, lw=0))
         ax.imshow(overlay)
 
-    # Caption: matched words get their class colour as background.
+    # Caption: matched words get their class colour (the colour of its masks) as background.
     tok_color = {}
     for m in matches:
-        if word is None or store._match_of(k, caption, word) == m:
+        if chosen is None or m == chosen:
             for t in range(m["token_start"], m["token_end"]):
-                tok_color[t] = colors.get(m["label"], _class_color(m["label"]))
+                tok_color[t] = _class_color(m["label"])
     lines, line, used = [], [], 0
     for t, tok in enumerate(toks):
         if used + len(tok) > 60 and line:

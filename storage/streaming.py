@@ -294,14 +294,16 @@ def _empty_tensor(shape: tuple, dtype: np.dtype, shared: bool) -> torch.Tensor:
 class StoreDataset(Dataset):
     """Map-style dataset: ``ds[row]`` -> ``{field: row array, "row": row}`` for a store row index.
 
-    ``rows`` restricts the dataset to those rows (default: every good row); ``len`` is their number and
-    :meth:`sampler` builds the matching :class:`BlockSampler`. Returned arrays are read-only views
-    into the cached block; :func:`collate` stacks them.
+    ``rows`` restricts the dataset to those rows (default: every good row of ``split``); ``len`` is
+    their number and :meth:`sampler` builds the matching :class:`BlockSampler`. ``cache_blocks``: decoded
+    blocks kept per array (match the sampler's ``window_blocks``); ``read_threads``: threads decoding a
+    batch's missing blocks at once (Zarr). Returned arrays are read-only views into the cached block;
+    :func:`collate` stacks them.
     """
 
     def __init__(self, url, fields: list[str], *, rows=None, split: str | None = None, cache_blocks: int = 4,
-                 storage_options: dict | None = None):
-        self.reader = _BlockReader(url, fields, storage_options, cache_blocks)
+                 read_threads: int = 2, storage_options: dict | None = None):
+        self.reader = _BlockReader(url, fields, storage_options, cache_blocks, read_threads)
         if rows is None:
             backend = open_backend(os.fspath(url), "r", storage_options=storage_options)
             try:
@@ -375,7 +377,7 @@ def collate(items: list[dict]) -> dict:
 
 def stream_loader(url, fields: list[str], batch_size: int, *, split: str | None = None, rows=None,
                   shuffle: bool = True, seed: int = 0, window_blocks: int = 4, rank: int = 0, world_size: int = 1,
-                  drop_last: bool = False, num_workers: int = 0, lanes: int = 2,
+                  drop_last: bool = False, num_workers: int = 0, lanes: int = 2, read_threads: int = 2,
                   storage_options: dict | None = None, **loader_kw) -> tuple[DataLoader, BlockSampler]:
     """The fast path: a DataLoader of batches ``{field: tensor (B, ...) | object array, "row": tensor}``
     over :class:`StoreBatchDataset`, and its :class:`BlockSampler`.
@@ -387,7 +389,7 @@ def stream_loader(url, fields: list[str], batch_size: int, *, split: str | None 
     # A worker sees ceil(lanes / workers) lanes' windows at a time (all of them without workers): cache them.
     per_reader = -(-lanes // num_workers) if num_workers else lanes
     ds = StoreBatchDataset(url, fields, rows=rows, split=split, cache_blocks=window_blocks * per_reader,
-                           storage_options=storage_options)
+                           read_threads=read_threads, storage_options=storage_options)
     sampler = ds.sampler(shuffle=shuffle, seed=seed, window_blocks=window_blocks, rank=rank,
                          world_size=world_size, drop_last=drop_last, lanes=lanes, batch_size=batch_size)
     loader = DataLoader(ds, batch_size=None, sampler=BatchSampler(sampler, batch_size, drop_last),

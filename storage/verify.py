@@ -7,20 +7,25 @@ Both work on zarr and HDF5 stores, local or remote, and on an HDF5 store that is
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
+from tqdm.auto import tqdm
 
-from .backends import Backend, backend_kind, is_local, local_path, open_backend, staging_url
-from .errors import CorruptChunkError, StoreNotFoundError
+from .backends import Backend, backend_kind, is_local, local_path, open_backend, redact_url, staging_url
+from .errors import CorruptChunkError, StoreError, StoreNotFoundError
+from .fingerprint import compute_fingerprint
 from .schema import DONE, SPLITS, STR
 
 MAX_ERRORS_SHOWN = 5
 
 
-@dataclass(frozen=True)
-class DamagedChunk:
+class DamagedChunk(NamedTuple):
+    """One damaged chunk; unpacks as ``(array, chunk, reason)``."""
+
     array: str
     chunk: tuple[int, ...]
     reason: str
@@ -49,6 +54,7 @@ class VerifyReport:
         )
         return "\n".join([head, *(f"  damaged: {d}" for d in self.damaged), *(f"  problem: {p}" for p in self.problems)])
 
+    describe = summary
     __str__ = summary
 
 
@@ -68,13 +74,17 @@ def _block_slice(layout, block: int) -> slice:
     return slice(r.start, r.stop)
 
 
-def verify(url, storage_options: dict | None = None) -> VerifyReport:
-    """Read every chunk of every array; collect every damaged or missing chunk (never stop at the first)."""
+def verify(url, storage_options: dict | None = None, *, progress: bool = False) -> VerifyReport:
+    """Read every chunk of every array; collect every damaged or missing chunk (never stop at the first).
+
+    ``progress`` shows a tqdm bar over the chunks (for the CLI).
+    """
     url = os.fspath(url)
     backend, staging = _open_any(url, storage_options)
-    with backend:
+    with backend, tqdm(total=len(backend.layout.specs()) * backend.layout.num_blocks, unit="chunk",
+                       desc="verify", disable=not progress) as bar:
         lay = backend.layout
-        report = VerifyReport(url=url if staging is None else staging, kind=backend.kind)
+        report = VerifyReport(url=redact_url(url if staging is None else staging), kind=backend.kind)
         present = set(backend.arrays())
         done = np.zeros(lay.num_rows, dtype=bool)
         specs = [s for s in lay.specs() if s.path == DONE] + [s for s in lay.specs() if s.path != DONE]
@@ -92,6 +102,7 @@ def verify(url, storage_options: dict | None = None) -> VerifyReport:
             for block in range(lay.num_blocks):
                 rows = _block_slice(lay, block)
                 report.chunks_checked += 1
+                bar.update(1)
                 try:
                     data = backend.read_block(spec.path, block)
                 except CorruptChunkError as e:
@@ -130,13 +141,15 @@ def info(url, storage_options: dict | None = None) -> dict:
             g = path.split("/", 1)[0] if path else "(metadata)"
             groups[g] = groups.get(g, 0) + nbytes
         return {
-            "url": url,
+            "url": redact_url(url),
             "kind": backend_kind(url),
             "state": "complete" if attrs.get("complete") else "writing" if staging else "incomplete",
             "staging": staging,
             "format": attrs.get("format"),
             "schema_version": attrs.get("schema_version"),
             "store_id": attrs.get("store_id"),
+            # recorded at finalize; computed (one full read) for a complete store written before fingerprints
+            "fingerprint": attrs.get("fingerprint") or (_computed_fingerprint(backend) if attrs.get("complete") else None),
             "dataset": attrs.get("dataset"),
             "created": attrs.get("created"),
             "software": attrs.get("software"),
@@ -153,15 +166,81 @@ def info(url, storage_options: dict | None = None) -> dict:
             "group_bytes": groups,
             "groups": list(lay.groups),
             "capacities": dataclasses.asdict(lay.capacities),
+            "matches": _match_statistics(backend, done) if "matches" in lay.groups else None,
+            "statistics": attrs.get("statistics"),
         }
 
 
-def _safe_read(backend: Backend, path: str, fallback: np.ndarray) -> np.ndarray:
-    """Whole array, or ``fallback`` where a chunk is damaged (info still reports; verify names the chunk)."""
+def _computed_fingerprint(backend: Backend) -> str | None:
+    try:
+        return compute_fingerprint(backend)
+    except StoreError:  # damaged or missing chunks: verify reports them; info still answers
+        return None
+
+
+def _match_statistics(backend: Backend, done: np.ndarray) -> dict:
+    """Matches per real caption of done rows (METHODS.md section 2): distinct matched classes ("critical
+    objects") and matched spans, and the fraction of captions with a match."""
+    n_caps = _safe_read(backend, "captions/count", np.zeros(len(done), np.uint8)).astype(np.int64)
+    labels = _safe_read(backend, "matches/label", None)
+    C = labels.shape[1]
+    real = done[:, None] & (np.arange(C)[None, :] < n_caps[:, None])  # (N, C) captions that exist
+    lab = labels[real]  # (captions, K); -1 = padding
+    valid = lab >= 0
+    spans = valid.sum(1)
+    srt = np.sort(np.where(valid, lab, -1), axis=1)
+    distinct = (valid & np.concatenate([np.ones((len(srt), 1), bool), srt[:, 1:] != srt[:, :-1]], 1)).sum(1)
+    n = len(lab)
+    return {
+        "captions": int(n),
+        "mean_matched_objects_per_caption": float(distinct.mean()) if n else 0.0,
+        "mean_matched_words_per_caption": float(spans.mean()) if n else 0.0,
+        "captions_with_match": float((spans > 0).mean()) if n else 0.0,
+    }
+
+
+def format_info(data: dict) -> str:
+    """``info()`` as readable lines (the CLI's ``vlcache store info``)."""
+
+    def size(b):
+        for unit in ("B", "KiB", "MiB", "GiB"):
+            if b < 1024 or unit == "GiB":
+                return f"{b:.0f} {unit}" if unit == "B" else f"{b:.1f} {unit}"
+            b /= 1024
+
+    rows, blocks = data["rows"], data["blocks"]
+    lines = [
+        f"store      {data['url']} ({data['kind']}, schema v{data['schema_version']}, {data['state']})",
+        f"fingerprint {data.get('fingerprint') or '(recorded when the store is finalized)'}",
+        f"dataset    {data['dataset']}  created {data['created']}",
+        f"rows       {rows['done']}/{rows['total']} done, {rows['with_errors']} with errors",
+        f"blocks     {blocks['done']}/{blocks['total']} done (block size {blocks['block_size']})",
+        f"splits     {data['splits']}  done: {data['done_per_split']}",
+        f"groups     {', '.join(data['groups'])}",
+        f"capacities {data['capacities']}",
+        f"size       {size(data['size_bytes'])}  ("
+        + ", ".join(f"{g} {size(b)}" for g, b in sorted(data["group_bytes"].items())) + ")",
+    ]
+    if data.get("staging"):
+        lines.append(f"staging    {data['staging']}")
+    if data.get("matches"):
+        m = data["matches"]
+        lines.append(
+            f"matches    {m['mean_matched_objects_per_caption']:.2f} objects, "
+            f"{m['mean_matched_words_per_caption']:.2f} words per caption; "
+            f"{100 * m['captions_with_match']:.0f}% of {m['captions']} captions have a match"
+        )
+    lines += [f"error      {e}" for e in data["first_errors"]]
+    lines.append("config     " + json.dumps(data["config"], sort_keys=True))
+    return "\n".join(lines)
+
+
+def _safe_read(backend: Backend, path: str, fallback: np.ndarray | None) -> np.ndarray:
+    """Whole array, damaged chunks replaced by ``fallback`` (default: padding), so info still reports."""
     try:
         return backend.read(path, slice(None))
     except CorruptChunkError:
-        out = fallback.copy()
+        out = backend.spec(path).empty_rows(backend.layout.num_rows) if fallback is None else fallback.copy()
         for b in range(backend.layout.num_blocks):
             try:
                 out[_block_slice(backend.layout, b)] = backend.read_block(path, b)

@@ -32,9 +32,11 @@ from .backends import (
     HDF5Backend,
     ZarrBackend,
     backend_kind,
+    check_writable_url,
     create_backend,
     local_path,
     pack_hdf5,
+    remote_errors,
     staging_url,
     to_jsonable,
     zarr_store_exists,
@@ -46,6 +48,7 @@ from .errors import (
     StoreError,
     StoreNotFoundError,
 )
+from .fingerprint import array_digests, combine
 from .schema import DONE, STR, ArraySpec, Layout
 
 _CREATING = object()  # sentinel: a store whose creation is in progress or was interrupted
@@ -105,6 +108,8 @@ class StoreWriter:
                 "overwrite=True is only allowed on rank 0: recreate the store there, then open it on the "
                 "other ranks (e.g. after dist.barrier())"
             )
+        if hdf5_compression not in ("gzip", "lzf"):
+            raise ValueError(f"hdf5_compression must be 'gzip' or 'lzf', got {hdf5_compression!r}")
         self.url = os.fspath(url) if isinstance(url, os.PathLike) else str(url)
         self.kind = backend_kind(self.url)
         self.rank, self.world_size = rank, world_size
@@ -113,10 +118,12 @@ class StoreWriter:
         self._write_url = staging_url(self.url) if self.kind == "hdf5" else self.url
         self._attrs = None if attrs is None else to_jsonable(attrs)
         self._given_layout = layout
-        if rank == 0:
-            self.backend = self._open_or_create(layout, overwrite)
-        else:
-            self.backend = self._wait_for_store(wait_timeout, poll_interval)
+        check_writable_url(self.url)
+        with remote_errors(self.url):  # missing credentials: one clear line, not a boto traceback
+            if rank == 0:
+                self.backend = self._open_or_create(layout, overwrite)
+            else:
+                self.backend = self._wait_for_store(wait_timeout, poll_interval)
         self.layout: Layout = self.backend.layout  # the store's own layout (also when resuming)
         self._owned = set(self.layout.blocks_of_rank(rank, world_size))
 
@@ -244,7 +251,8 @@ class StoreWriter:
     def finalize(self, extra_attrs: dict | None = None) -> bool:
         """Mark the store complete if every block of every rank is done; returns whether it is complete.
 
-        Safe to call from every rank. ``extra_attrs`` (e.g. statistics) are merged into the root attributes.
+        Safe to call from every rank. ``extra_attrs`` (e.g. statistics) are merged into the root attributes,
+        with the content ``fingerprint`` (computed by reading the store once, unless ``extra_attrs`` gives it).
         For HDF5 this packs the staging store into the final file.
         """
         if self.complete or self._packed_elsewhere():
@@ -253,6 +261,8 @@ class StoreWriter:
             return self._packed_elsewhere()  # its staging may have been packed while we read it
         extra = to_jsonable(extra_attrs or {}, "extra_attrs")
         if self.kind == "zarr":
+            if not extra.get("fingerprint"):
+                extra["fingerprint"] = self._fingerprint(extra)
             self.backend.update_attrs(**extra, complete=True)
             self.backend.close()
             self.backend = ZarrBackend(self.url, "r", self.storage_options)
@@ -273,10 +283,15 @@ class StoreWriter:
             if not os.path.exists(target):  # nobody packed while we waited for the lock
                 for leftover in Path(target).parent.glob(Path(target).name + ".tmp-*"):
                     leftover.unlink()  # from a packer that was killed (we hold the lock: nobody else packs)
+                attrs = {**attrs, "fingerprint": attrs.get("fingerprint") or self._fingerprint(attrs)}
                 pack_hdf5(self.backend, target, self.hdf5_compression, attrs)
         finally:
             os.close(fd)
         self._adopt_hdf5()
+
+    def _fingerprint(self, extra: dict) -> str:
+        """The content fingerprint recorded at finalize (reads the store once; see storage/fingerprint.py)."""
+        return combine({**self.backend.attrs(), **extra}, array_digests(self.backend))
 
     def _adopt_hdf5(self) -> None:
         self.backend.close()

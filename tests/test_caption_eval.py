@@ -1,4 +1,5 @@
-"""Evaluation of a trained captioning run: files, caption metrics, attention metrics recomputed independently."""
+"""Evaluation of a trained captioning run (files, caption metrics, attention metrics recomputed
+independently) and the ICA ablation end to end; one METEOR JVM for the module."""
 
 import json
 import shutil
@@ -12,6 +13,7 @@ from vlcache.stages.train.attention_metrics import attention_correctness, attent
 from vlcache.stages.train.caption_eval import evaluate_caption, load_run_model
 from vlcache.stages.train.caption_metrics import CaptionScorer
 from vlcache.stages.train.caption_train import CaptionTrainConfig, train_caption
+from vlcache.stages.train.experiment import run_ica_experiment
 from vlcache.stages.train.ica import ica_labels
 from vlcache.storage.store import open_store
 
@@ -116,3 +118,27 @@ def test_evaluation_refuses_another_store(evaluated, tmp_path):
     shutil.rmtree(copy / "checkpoints")
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         load_run_model(copy)
+
+
+def test_ica_experiment_end_to_end(tmp_path, scorer):
+    url, _ = make_synth_store()
+    overrides = ["epochs=1", "batch_images=16", "embed_dim=16", "attn_dim=16", "hidden_dim=16", "num_workers=0",
+                 "device=cpu", "beam_size=1", "max_len=12", "val_max_images=2", "lr=0.003"]
+    result = run_ica_experiment(url, seeds=1, name="abl", runs_root=tmp_path, overrides=overrides, figures=1,
+                                progress=False, scorer=scorer)
+    root = tmp_path / "abl"
+    assert [(r["variant"], r["seed"]) for r in result["rows"]] == [("Show-Attend-Tell", 0), ("+ICA loss", 0)]
+    for r, weight in zip(result["rows"], (0.0, 0.1)):
+        assert yaml.safe_load((tmp_path / "abl" / r["run"].split("/")[-1] / "config.yaml").read_text())["ica_weight"] == weight
+        assert 0 <= r["attn_correctness"] <= 1 and r["CIDEr"] >= 0
+    md = (root / "ablation.md").read_text()
+    assert "| Show-Attend-Tell | 1 |" in md and "| +ICA loss | 1 |" in md and "Δ +ICA loss − Show-Attend-Tell" in md
+    assert "BLEU-4" in md and "Attn corr." in md and result["store_fingerprint"] in md
+    saved = json.loads((root / "ablation.json").read_text())
+    assert saved["rows"] == result["rows"] and saved["variants"]["+ICA loss"] == {"ica_weight": 0.1}
+    # rerun: finished runs are neither retrained nor re-evaluated; the same table comes back
+    mtime = (root / "show-attend-tell-seed0" / "checkpoints" / "last.pt").stat().st_mtime
+    again = run_ica_experiment(url, seeds=1, name="abl", runs_root=tmp_path, overrides=overrides, progress=False,
+                               scorer=scorer)
+    assert again["rows"] == result["rows"]
+    assert (root / "show-attend-tell-seed0" / "checkpoints" / "last.pt").stat().st_mtime == mtime

@@ -126,6 +126,29 @@ def test_store_fingerprint_is_stable(synth):
 # ---- training ----------------------------------------------------------------------------------------
 
 
+def test_per_image_features_equal_expanded_features(synth):
+    """The training step projects features once per image (img_index); same outputs and gradients."""
+    from vlcache.stages.train.sat import ShowAttendTell
+
+    url, _, vocab = synth
+    b = _batch(url, vocab, [0, 1, 2])
+    torch.manual_seed(0)
+    model = ShowAttendTell(len(vocab), 2048, 16, 16, 16, dropout=0.0)
+    feats = b["feats"].float().requires_grad_()
+    per_image = model(feats, b["captions"], b["lengths"], img_index=b["img_index"])
+    per_image["logits"].sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    expanded = model(feats[b["img_index"]], b["captions"], b["lengths"])
+    expanded["logits"].sum().backward()
+    for key in ("logits", "alphas", "energies"):
+        assert torch.allclose(per_image[key], expanded[key], atol=1e-5), key
+    assert all(torch.allclose(g, p.grad, atol=1e-4) for g, p in zip(grads, model.parameters()))
+    with pytest.raises(ValueError, match="img_index"):
+        model(feats, b["captions"], b["lengths"], img_index=b["img_index"] + 3)
+
+
+
 def test_short_training_run_learns_and_writes_its_run(synth, tmp_path):
     url = synth[0]
     cfg = CaptionTrainConfig(store=url, epochs=3, batch_images=8, lr=3e-3, dropout=0.0, log_every=1,

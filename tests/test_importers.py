@@ -135,7 +135,7 @@ def test_tsv_shuffled_split_files_with_mismatched_ids(dataset, tmp_path, capsys)
     cfg = attrs["config"]
     assert cfg["source"] == "import" and cfg["format"] == "tsv" and cfg["regions"] == 8
     assert len(cfg["source_files"]) == 2 and all(len(f["sha256"]) == 64 for f in cfg["source_files"])
-    assert attrs["classes"] == [] and attrs["dataset"]["name"] == "coco"
+    assert attrs["classes"] == [] and attrs["dataset"] == "coco"
 
     again = import_features(dataset, src, url, block_size=3, regions=8, progress=False)  # resume: no work
     assert again.complete and again.written == 0 and again.blocks_written == 0

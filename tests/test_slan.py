@@ -286,6 +286,10 @@ def test_bad_inputs_name_what_is_wrong():
     nocls[2, 0] = False
     with pytest.raises(ValueError, match="caption 2"):
         model(grid, hw, boxes, bmask, words, nocls)
+    with pytest.raises(ValueError, match="grid_dim"):
+        model(grid[..., :4], hw, boxes, bmask, words, wmask)
+    with pytest.raises(ValueError, match="text_dim"):
+        model(grid, hw, boxes, bmask, words[..., :5], wmask)
     with pytest.raises(ValueError, match="K must be odd"):
         _model(K=4)
     with pytest.raises(ValueError, match="threshold"):

@@ -39,8 +39,8 @@ def url(request, tmp_path):
         yield str(tmp_path / "store.h5")
 
 
-def write_full(url) -> None:
-    w = StoreWriter(url, LAYOUT, ww.ATTRS)
+def write_full(url, **kw) -> None:
+    w = StoreWriter(url, LAYOUT, ww.ATTRS, **kw)
     for b in w.pending_blocks():
         w.write_block(b, ww.block_arrays(LAYOUT, b))
     assert w.finalize(ww.STATS)
@@ -199,17 +199,21 @@ def test_zarr_metadata_is_consolidated(tmp_path):
     assert consolidated["regions/feats"]["chunk_grid"]["configuration"]["chunk_shape"] == [4, 5, 8]
 
 
-def test_hdf5_file_layout(tmp_path):
+@pytest.mark.parametrize("compression", ["gzip", "lzf"])
+def test_hdf5_file_layout(tmp_path, compression):
     import h5py
 
     url = tmp_path / "f.h5"
-    write_full(str(url))
+    write_full(str(url), hdf5_compression=compression)
     assert not (tmp_path / "f.h5.partial.zarr").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["f.h5"]
     with h5py.File(url) as f:
         ds = f["regions/feats"]
-        assert ds.chunks == (4, 5, 8) and ds.fletcher32 and ds.compression == "gzip"
+        assert ds.chunks == (4, 5, 8) and ds.fletcher32 and ds.compression == compression
         assert f["captions/text"].fletcher32 and h5py.check_string_dtype(f["captions/text"].dtype).encoding == "utf-8"
         assert json.loads(f.attrs["vlcache_attrs"])["complete"] is True
+    ww.assert_same(ww.read_all(str(url)), ww.expected_arrays(LAYOUT), where=compression)
+    with pytest.raises(ValueError, match="hdf5_compression must be 'gzip' or 'lzf'"):
+        StoreWriter(tmp_path / "g.h5", LAYOUT, ww.ATTRS, hdf5_compression="szip")
 
 
 def test_provenance(tmp_path):
@@ -250,3 +254,37 @@ def test_hdf5_over_fsspec_and_in_place_edits(tmp_path):
         assert b.read("images/id", 2) == "ä" * (width // 2)
         with pytest.raises(StoreError, match="'images/id': a string of 8 UTF-8 bytes exceeds the file's fixed width 7"):
             b.write_rows("images/id", 4, np.array(["ä" * 4] * 4, dtype=object))
+
+
+def test_every_known_group_round_trips(url):
+    """Groups beyond the default ones (the text cache) go through the same code paths."""
+    from vlcache.storage.schema import CORE_GROUPS, OPTIONAL_GROUPS, TEXT_GROUP, Capacities
+
+    cap = Capacities(captions=2, instances=2, mask_size=3, regions=2, region_dim=3, grid_size=2, grid_dim=2,
+                     matches=2, text_len=3, text_dim=4)
+    groups = CORE_GROUPS + OPTIONAL_GROUPS + (TEXT_GROUP,)
+    layout = Layout(num_rows=5, block_size=2, capacities=cap, groups=groups)
+    rng = np.random.default_rng(3)
+    truth = {}
+    w = StoreWriter(url, layout, {"config": {"k": 1}})
+    for b in range(layout.num_blocks):
+        n = len(layout.block_rows(b))
+        arrays = {}
+        for s in layout.specs():
+            if s.path == DONE:
+                continue
+            shape = (n, *s.row_shape)
+            if s.dtype == STR:
+                arrays[s.path] = np.array([f"ß{b}-{i}" for i in range(int(np.prod(shape)))], dtype=object).reshape(shape)
+            elif np.dtype(s.dtype).kind == "f":
+                arrays[s.path] = rng.standard_normal(shape).astype(s.dtype)
+            else:
+                arrays[s.path] = rng.integers(0, 100, shape).astype(s.dtype)
+            truth.setdefault(s.path, []).append(arrays[s.path])
+        w.write_block(b, arrays)
+    assert w.finalize()
+    w.close()
+    with open_backend(url) as b:
+        assert set(b.arrays()) == {s.path for s in layout.specs()}
+        for path, parts in truth.items():
+            np.testing.assert_array_equal(b.read(path, slice(None)), np.concatenate(parts), err_msg=path)

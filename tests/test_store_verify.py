@@ -21,7 +21,7 @@ from vlcache.storage.errors import (
     StoreNotFoundError,
 )
 from vlcache.storage.schema import SCHEMA_VERSION, Capacities, Layout
-from vlcache.storage.verify import DamagedChunk, info, verify
+from vlcache.storage.verify import DamagedChunk, format_info, info, verify
 from vlcache.storage.writer import StoreWriter
 
 _spec = importlib.util.spec_from_file_location("write_worker", Path(__file__).parent / "helpers" / "write_worker.py")
@@ -71,12 +71,14 @@ def test_flipped_byte_is_named_by_verify_and_read(store):
     assert verify(store).ok
     damage(store, "regions/feats", 1)
     damage(store, "captions/text", 3)
-    report = verify(store)
+    report = verify(store, progress=True)
     assert not report.ok and report.arrays_checked == len(LAYOUT.specs())
     assert report.chunks_checked == len(LAYOUT.specs()) * LAYOUT.num_blocks
     assert [(d.array, d.chunk) for d in report.damaged] == [("captions/text", (3, 0)), ("regions/feats", (1, 0, 0))]
     assert all("checksum" in d.reason for d in report.damaged)
-    assert "regions/feats" in report.summary() and "(1, 0, 0)" in report.summary()
+    assert "regions/feats" in report.describe() and "(1, 0, 0)" in report.describe()
+    array, chunk, reason = report.damaged[0]
+    assert (array, chunk) == ("captions/text", (3, 0))
     with open_backend(store) as b:
         for rows in (5, slice(None), np.array([0, 6]), slice(4, 8)):
             with pytest.raises(CorruptChunkError) as e:
@@ -129,6 +131,23 @@ def test_info(store):
     on_disk = Path(store).stat().st_size if store.endswith(".h5") else sum(
         p.stat().st_size for p in Path(store).rglob("*") if p.is_file())
     assert i["size_bytes"] == on_disk
+    # match statistics, recomputed here caption by caption
+    exp = ww.expected_arrays(LAYOUT)
+    objects, words, n = [], [], 0
+    for row in range(LAYOUT.num_rows):
+        for c in range(exp["captions/count"][row]):
+            labels = [int(x) for x in exp["matches/label"][row, c] if x >= 0]
+            objects.append(len(set(labels)))
+            words.append(len(labels))
+            n += 1
+    m = i["matches"]
+    assert m["captions"] == n and m["mean_matched_objects_per_caption"] == pytest.approx(np.mean(objects))
+    assert m["mean_matched_words_per_caption"] == pytest.approx(np.mean(words)) and sum(words) > 0
+    assert m["captions_with_match"] == pytest.approx(np.mean([w > 0 for w in words]))
+    assert i["statistics"] == ww.STATS["statistics"]
+    text = format_info(i)
+    assert "rows       23/23 done, 3 with errors" in text and "img0010: bad header" in text
+    assert "objects" in text and "score_threshold" in text
 
 
 def test_complete_store_opens_read_only(store):

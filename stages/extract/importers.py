@@ -499,9 +499,8 @@ def import_features(
         if matcher is not None and fmt == "tsv" and src.columns - {6}:
             report.notes.append("regions/labels are the source's class ids; attrs.classes are the matcher's")
         names = list(getattr(matcher, "class_names", None) or classes or [])
-        attrs = base_attrs(dataset.name, dataset.split_counts(), dataset.sources, config, names)
-        meta = attrs["dataset"] if isinstance(attrs.get("dataset"), dict) else {"name": dataset.name}
-        attrs["dataset"] = {**meta, "image_root": str(Path(dataset.image_root).resolve())}
+        attrs = base_attrs(dataset.name, dataset.split_counts(), dataset.sources, config, names,
+                           image_root=Path(dataset.image_root).resolve())
         attrs["import_notes"] = list(report.notes)
         _write(dataset, src, where_of, layout, attrs, report, matcher, overwrite, progress)
     finally:

@@ -40,15 +40,21 @@ class ExtractSummary:
     seconds: float
     bad_images: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     complete: bool = False
+    setup_seconds: float = 0.0  # building models and opening/creating the store, before the first image
+
+    @property
+    def loop_seconds(self) -> float:
+        """Time spent on images: decoding, models, writing and finalizing (setup excluded)."""
+        return max(self.seconds - self.setup_seconds, 0.0)
 
     @property
     def images_per_second(self) -> float:
-        return self.images_done / self.seconds if self.seconds > 0 else 0.0
+        return self.images_done / self.loop_seconds if self.loop_seconds > 0 else 0.0
 
     def describe(self) -> str:
         lines = [
-            f"extracted {self.images_done} images in {self.seconds:.1f}s "
-            f"({self.images_per_second:.2f} img/s) into {self.url}",
+            f"extracted {self.images_done} images in {self.seconds:.1f}s ({self.setup_seconds:.1f}s loading models "
+            f"and opening the store, then {self.images_per_second:.2f} img/s) into {self.url}",
             f"store complete: {self.complete}",
         ]
         if self.bad_images:
@@ -140,8 +146,8 @@ def extract(dataset: Dataset, url: str, cfg: ExtractConfig, *, overwrite: bool =
         sources=dataset.sources,
         config=content_config(cfg),
         classes=models.class_names,
+        image_root=Path(dataset.image_root).resolve(),
     )
-    attrs["image_root"] = str(Path(dataset.image_root).resolve())
     attrs["models"] = models.describe()
     writer = StoreWriter(url, layout, attrs, rank=rank, world_size=world_size, overwrite=overwrite)
     pending = writer.pending_blocks()
@@ -167,6 +173,7 @@ def extract(dataset: Dataset, url: str, cfg: ExtractConfig, *, overwrite: bool =
 
     thread = threading.Thread(target=write_loop, name="vlcache-writer", daemon=True)
     thread.start()
+    summary.setup_seconds = time.perf_counter() - start
     loader = DataLoader(
         _DecodeDataset(rows, records, dataset.image_root),
         batch_size=cfg.runtime.batch_size,

@@ -64,7 +64,7 @@ def decode_split(model: ShowAttendTell, loader, vocab: Vocab, beam_size: int, ma
                           "caption": vocab.decode_text(seq), "references": batch["references"][b]})
         if attention and batch["captions"].shape[0]:
             img = batch["img_index"].to(device)
-            out = model(feats[img], batch["captions"].to(device), batch["lengths"].to(device))
+            out = model(feats, batch["captions"].to(device), batch["lengths"].to(device), img_index=img)
             s, t = batch["ica_sample"], batch["ica_step"]
             alphas.append(out["alphas"][s.to(device), t.to(device)].float().cpu())
             labels.append(batch["ica_labels"])

@@ -36,7 +36,7 @@ from .losses import caption_xent, doubly_stochastic, ica_loss
 from .sat import ShowAttendTell
 from .vocab import Vocab
 
-__all__ = ["CaptionTrainConfig", "train_caption", "RESUMABLE_KEYS"]
+__all__ = ["CaptionTrainConfig", "train_caption", "step_losses", "RESUMABLE_KEYS"]
 
 
 @dataclass
@@ -118,12 +118,12 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _step_losses(model, batch: dict, cfg: CaptionTrainConfig, device: torch.device) -> dict:
+def step_losses(model, batch: dict, cfg: CaptionTrainConfig, device: torch.device) -> dict:
     """Loss terms of one batch: L = xent + doubly stochastic + ica_weight * ICA (sections 1-2)."""
     feats = batch["feats"].to(device, non_blocking=True)
     caps = batch["captions"].to(device, non_blocking=True)
     img = batch["img_index"].to(device, non_blocking=True)
-    out = model(feats[img], caps, batch["lengths"].to(device, non_blocking=True))
+    out = model(feats, caps, batch["lengths"].to(device, non_blocking=True), img_index=img)
     xent = caption_xent(out["logits"], caps[:, 1:], out["mask"])
     ds = doubly_stochastic(out["alphas"], out["mask"], cfg.alpha_c)
     terms = {"xent": xent, "ds": ds}
@@ -259,7 +259,7 @@ def train_caption(cfg: CaptionTrainConfig, run_dir, resume: bool = True, progres
             if batch is None:
                 break
             t_data = time.perf_counter() - t0
-            terms = _step_losses(ddp_model, batch, cfg, device)
+            terms = step_losses(ddp_model, batch, cfg, device)
             optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()
             if cfg.grad_clip > 0:

@@ -141,14 +141,15 @@ def _slug(name: str) -> str:
 
 def run_ica_experiment(store: str, seeds: int = 3, *, name: str = "ica", runs_root="runs", config_file=None,
                        options: dict | None = None, overrides: list[str] | None = None, split: str = "test",
-                       figures: int = 4, progress: bool = True) -> dict:
+                       figures: int = 4, progress: bool = True, scorer=None) -> dict:
     """Seed 000's Table 1 on ``store``: baseline (ica_weight 0) and +ICA (the config's ica_weight, 0.1 by
     default), ``seeds`` seeds each (config seed, +1, ...), trained then evaluated on ``split``.
 
     Runs go to ``runs_root/name/<variant>-seed<k>/`` (an interrupted experiment resumes: finished runs
     are not retrained, evaluated runs not re-evaluated); the table to ``runs_root/name/ablation.md`` and
     ``ablation.json``. Config precedence as everywhere: defaults < ``config_file`` < ``options`` <
-    ``overrides`` (``["epochs=5", ...]``).
+    ``overrides`` (``["epochs=5", ...]``). ``scorer``: an open ``CaptionScorer`` to reuse (else one is
+    opened for the experiment: one METEOR JVM for all its evaluations).
     """
     from ...pipeline.config import load_config, to_dict
     from .caption_data import store_fingerprint
@@ -177,7 +178,10 @@ def run_ica_experiment(store: str, seeds: int = 3, *, name: str = "ica", runs_ro
                                 scorer=scorer)
 
     seed_list = [base.seed + k for k in range(seeds)]
-    with CaptionScorer() as scorer:  # one METEOR JVM for every evaluation
+    if scorer is None:
+        with CaptionScorer() as scorer:  # one METEOR JVM for every evaluation
+            rows = run_ablation(variants, seed_list, train_fn, eval_fn)
+    else:
         rows = run_ablation(variants, seed_list, train_fn, eval_fn)
     table = format_table(rows, TABLE_METRICS, baseline=ICA_VARIANTS[0])
     fingerprint = store_fingerprint(store)

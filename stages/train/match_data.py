@@ -4,7 +4,7 @@ A batch is a dict of tensors built in the DataLoader worker from one :class:`Sto
 
 - images ``B``: ``rows``, ``regions (B, R, D)`` float16, ``region_mask (B, R)``, ``region_boxes``, ``hw``;
 - texts ``P``: ``txt_img (P,)`` (which image of the batch), ``caption (P,)`` (caption index in its row),
-  ``texts`` (raw captions); SCAN: ``tokens (P, T)``, ``lengths (P,)`` (vocabulary ids, ``<start>`` ..
+  ``texts`` (raw captions), ``token_texts`` (their space-joined Karpathy tokens); SCAN: ``tokens (P, T)``, ``lengths (P,)`` (vocabulary ids, ``<start>`` ..
   ``<end>``, so Karpathy token k sits at position k + 1); MMCA: ``words (P, L, H)`` cached BERT outputs,
   ``word_mask``, ``offsets`` (absent when no cache is given: the training loop then runs BERT online
   and calls :func:`resolve_positions` itself);
@@ -27,10 +27,16 @@ the threshold, or whose mask touches no region, has ``match_has_ref`` False.
 
 from __future__ import annotations
 
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset
+from torchvision.ops import box_iou
 
+from ...pipeline.records import karpathy_tokens
+from ...storage.backends import open_backend
 from ...storage.errors import StoreError
 from ...storage.masks import paste_masks, region_inside_fraction
 from ...storage.streaming import BlockSampler, StoreBatchDataset
@@ -43,6 +49,7 @@ MATCH_FIELDS = ["matches/count", "matches/span", "matches/label"]
 INSTANCE_FIELDS = ["instances/count", "instances/labels", "instances/scores", "instances/boxes", "instances/masks"]
 CACHE_FIELDS = ["text/hidden", "text/mask", "text/offsets"]
 KINDS = ("scan", "mmca")
+TEXT_KEYS = ("tokens", "lengths", "words", "word_mask", "offsets")  # per-caption text tensors of a batch
 
 
 def caption_choice(rows: np.ndarray, counts: np.ndarray, epoch: int, seed: int) -> np.ndarray:
@@ -56,18 +63,25 @@ def caption_choice(rows: np.ndarray, counts: np.ndarray, epoch: int, seed: int) 
     return (x % np.asarray(counts, np.uint64)).astype(np.int64)
 
 
-def merged_region_labels(inst: dict, i: int, cls: int, hw, boxes: np.ndarray, count: int, score_threshold: float,
-                         inside_threshold: float) -> tuple[torch.Tensor, bool]:
-    """Region labels (R,) float of class ``cls`` in batch image ``i`` and whether they are non-empty."""
+def image_masks(inst: dict, i: int, score_threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Binary full-resolution masks (k, H, W) and class ids (k,) of batch image ``i``'s instances with
+    score >= ``score_threshold`` (pixels with mask probability >= 0.5), pasted once per image."""
     n = int(inst["instances/count"][i])
-    keep = (inst["instances/labels"][i, :n] == cls) & (inst["instances/scores"][i, :n] >= score_threshold)
+    keep = inst["instances/scores"][i, :n] >= score_threshold
+    hw = (int(inst["images/hw"][i][0]), int(inst["images/hw"][i][1]))
+    probs = paste_masks(inst["instances/boxes"][i, :n][keep], inst["instances/masks"][i, :n][keep], hw)
+    return probs >= 0.5, inst["instances/labels"][i, :n][keep]
+
+
+def merged_region_labels(masks: np.ndarray, classes: np.ndarray, cls: int, boxes: np.ndarray, count: int,
+                         inside_threshold: float) -> tuple[torch.Tensor, bool]:
+    """Region labels (R,) float for class ``cls`` (union of its ``masks``) and whether they are non-empty."""
     R = boxes.shape[0]
-    if not keep.any() or count == 0:
+    sel = classes == cls
+    if not sel.any() or count == 0:
         return torch.zeros(R), False
-    probs = paste_masks(inst["instances/boxes"][i, :n][keep], inst["instances/masks"][i, :n][keep],
-                        (int(hw[0]), int(hw[1])))
     frac = np.zeros(R, np.float32)
-    frac[:count] = region_inside_fraction(boxes[:count], (probs >= 0.5).any(axis=0))
+    frac[:count] = region_inside_fraction(boxes[:count], masks[sel].any(axis=0))
     labels, ok = region_labels(torch.from_numpy(frac)[None], inside_threshold, torch.arange(R) < count)
     return labels[0], bool(ok[0])
 
@@ -134,6 +148,7 @@ def build_batch(b: dict, cache: dict | None, *, kind: str, epoch: int = 0, seed:
         "txt_img": torch.from_numpy(txt_img.astype(np.int64)),
         "caption": torch.from_numpy(cap.astype(np.int64)),
         "texts": [str(t) for t in b["captions/text"][txt_img, cap]],
+        "token_texts": [str(t) for t in b["captions/tokens"][txt_img, cap]],
     }
     if kind == "scan":
         if vocab is None:
@@ -175,12 +190,15 @@ def _matches(b: dict, txt_img, cap, R: int, score_threshold: float, inside_thres
     sp, cls = spans[p_idx, k_idx].astype(np.int64).reshape(-1, 4), labs[p_idx, k_idx].astype(np.int64)
     labels, has_ref = torch.zeros(len(p_idx), R), torch.zeros(len(p_idx), dtype=torch.bool)
     if "instances/count" in b:
+        pasted: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         memo: dict[tuple[int, int], tuple[torch.Tensor, bool]] = {}
         for j, (p, c) in enumerate(zip(p_idx.tolist(), cls.tolist())):
             i = int(txt_img[p])
             if (i, c) not in memo:  # several captions of one image often name the same class
-                memo[i, c] = merged_region_labels(b, i, c, b["images/hw"][i], np.asarray(b["regions/boxes"][i]),
-                                                  int(b["regions/count"][i]), score_threshold, inside_threshold)
+                if i not in pasted:
+                    pasted[i] = image_masks(b, i, score_threshold)
+                memo[i, c] = merged_region_labels(*pasted[i], c, np.asarray(b["regions/boxes"][i]),
+                                                  int(b["regions/count"][i]), inside_threshold)
             labels[j], has_ref[j] = memo[i, c]
     return {"match_txt": torch.from_numpy(p_idx.astype(np.int64)), "match_class": torch.from_numpy(cls),
             "match_char": torch.from_numpy(sp[:, 2:4].copy()), "match_tok": torch.from_numpy(sp[:, 0:2].copy()),
@@ -200,8 +218,6 @@ class MatchDataset(Dataset):
                  inside_threshold: float = 0.5, cache_blocks: int = 4, storage_options: dict | None = None):
         if kind not in KINDS:
             raise ValueError(f"model kind must be one of {KINDS}, got {kind!r}")
-        from ...storage.backends import open_backend
-
         with open_backend(str(store), "r", storage_options=storage_options) as be:
             groups = be.layout.groups
         fields = list(IMAGE_FIELDS)
@@ -290,7 +306,7 @@ def concat_batches(batches: list[dict]) -> dict:
     n_txt = np.cumsum([0] + [b["txt_img"].shape[0] for b in batches])
     for key in batches[0]:
         vals = [b[key] for b in batches]
-        if key == "texts":
+        if isinstance(vals[0], list):
             out[key] = [t for v in vals for t in v]
         elif key == "dropped_words":
             out[key] = sum(vals)
@@ -315,3 +331,130 @@ def load_split(ds: MatchDataset, batch_size: int = 256) -> dict:
     if order.size == 0:
         raise StoreError(f"store {ds.url}: no rows to evaluate")
     return concat_batches([ds[order[s:s + batch_size]] for s in range(0, order.size, batch_size)])
+
+
+# ----------------------------------------------------------------------------- Flickr30k Entities
+def read_entities_sentences(path) -> list[dict]:
+    """One Flickr30k Entities ``Sentences/<id>.txt``: per line ``{"sentence", "words", "phrases"}`` where
+    a phrase is ``{"first_word", "words", "phrase_id", "types"}`` (word indices into ``words``).
+
+    Published format: ``[/EN#18/people A man] with [/EN#19/other pierced ears] ...``: a tag token
+    ``[/EN#<id>/<type>[/<type>..]`` opens a phrase, the word ending in ``]`` closes it.
+    """
+    out = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        words, phrases, cur = [], [], None
+        for tok in line.split():
+            if cur is None and tok.startswith("[/EN#"):
+                tag = tok[len("[/EN#"):].split("/")
+                if not tag[0]:
+                    raise ValueError(f"{path}:{n}: phrase tag {tok!r} has no id")
+                cur = {"first_word": len(words), "words": [], "phrase_id": tag[0], "types": tag[1:]}
+                continue
+            closes = cur is not None and tok.endswith("]")
+            word = tok[:-1] if closes else tok
+            words.append(word)
+            if cur is not None:
+                cur["words"].append(word)
+                if closes:
+                    phrases.append(cur)
+                    cur = None
+        if cur is not None:
+            raise ValueError(f"{path}:{n}: phrase /EN#{cur['phrase_id']} is never closed with ']'")
+        out.append({"sentence": " ".join(words), "words": words, "phrases": phrases})
+    return out
+
+
+def read_entities_annotation(path) -> dict:
+    """One Flickr30k Entities ``Annotations/<id>.xml``: ``{"width", "height", "boxes": {phrase_id: [[x1,
+    y1, x2, y2], ...]}, "scene": [ids], "nobox": [ids]}``. The XML's 1-based inclusive pixel indices
+    become continuous pixel boxes ``[xmin - 1, ymin - 1, xmax, ymax]`` (the store's convention)."""
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as e:
+        raise ValueError(f"{path}: not valid XML: {e}") from None
+    size = root.find("size")
+    out = {"width": int(size.findtext("width")) if size is not None else None,
+           "height": int(size.findtext("height")) if size is not None else None, "boxes": {}, "scene": [], "nobox": []}
+    for k, obj in enumerate(root.iter("object")):
+        ids = [e.text.strip() for e in obj.findall("name") if e.text]
+        box = obj.find("bndbox")
+        if box is not None:
+            try:
+                xyxy = [float(box.findtext(t)) for t in ("xmin", "ymin", "xmax", "ymax")]
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}: object {k} has an incomplete <bndbox>") from None
+            for i in ids:
+                out["boxes"].setdefault(i, []).append([xyxy[0] - 1, xyxy[1] - 1, xyxy[2], xyxy[3]])
+        if obj.findtext("scene", "0").strip() == "1":
+            out["scene"] += ids
+        if obj.findtext("nobndbox", "0").strip() == "1":
+            out["nobox"] += ids
+    return out
+
+
+def token_char_spans(raw: str, tokens: list[str]) -> list[tuple[int, int] | None]:
+    """Character span of each Karpathy token in the raw caption (searched in order, case-insensitive)."""
+    low, at, out = raw.lower(), 0, []
+    for t in tokens:
+        i = low.find(t, at)
+        out.append(None if i < 0 else (i, i + len(t)))
+        at = at if i < 0 else i + len(t)
+    return out
+
+
+def entity_queries(entities_dir, url, data: dict, kind: str) -> dict:
+    """Queries for the Entities phrases of a split batch: ``txt (n,)``, ``pos (n, L)``, ``reference
+    (n, R)`` bool (regions with IoU >= 0.5 with any of the phrase's boxes) and counting ``stats``.
+
+    Images are found by file stem (``images/path``), sentences by equal Karpathy tokens; a phrase maps to
+    the caption's tokens through each Entities word's own tokens."""
+    root = Path(entities_dir)
+    if not (root / "Sentences").is_dir() or not (root / "Annotations").is_dir():
+        raise FileNotFoundError(f"{root} is not a Flickr30k Entities directory (needs Sentences/ and Annotations/)")
+    with open_backend(str(url), "r") as be:
+        paths = np.asarray(be.read("images/path", data["rows"].numpy()), dtype=object)
+    stats = dict.fromkeys(["images", "sentences", "sentences_unmatched", "phrases_boxed", "phrases_no_region"], 0)
+    by_img: dict[int, list[int]] = {}
+    for t, i in enumerate(data["txt_img"].tolist()):
+        by_img.setdefault(i, []).append(t)
+    txt, tok, char, ref = [], [], [], []
+    for i, p in enumerate(paths):
+        stem = Path(str(p)).stem
+        sfile, afile = root / "Sentences" / f"{stem}.txt", root / "Annotations" / f"{stem}.xml"
+        if not sfile.is_file() or not afile.is_file():
+            continue
+        stats["images"] += 1
+        boxes = read_entities_annotation(afile)["boxes"]
+        nreg = int(data["region_mask"][i].sum())
+        caps = {tuple(data["token_texts"][t].split()): t for t in by_img.get(i, [])}
+        for sent in read_entities_sentences(sfile):
+            per_word = [karpathy_tokens(w) for w in sent["words"]]
+            t = caps.get(tuple(x for toks in per_word for x in toks))
+            stats["sentences"] += 1
+            if t is None:
+                stats["sentences_unmatched"] += 1
+                continue
+            start = np.cumsum([0] + [len(x) for x in per_word])
+            spans = token_char_spans(data["texts"][t], data["token_texts"][t].split())
+            for ph in sent["phrases"]:
+                a, b = int(start[ph["first_word"]]), int(start[ph["first_word"] + len(ph["words"])])
+                if ph["phrase_id"] not in boxes or b <= a:
+                    continue
+                stats["phrases_boxed"] += 1
+                iou = box_iou(data["region_boxes"][i, :nreg], torch.tensor(boxes[ph["phrase_id"]]))
+                r = torch.zeros(data["region_mask"].shape[1], dtype=torch.bool)
+                r[:nreg] = (iou >= 0.5).any(1)
+                stats["phrases_no_region"] += int(not r.any())
+                cs = spans[a][0] if spans[a] else -1
+                ce = spans[b - 1][1] if spans[b - 1] and cs >= 0 else -1
+                txt.append(t), tok.append((a, b)), char.append((cs, ce)), ref.append(r)
+    q = {k: data[k] for k in TEXT_KEYS if k in data}
+    q.update(match_txt=torch.tensor(txt, dtype=torch.long), match_tok=torch.tensor(tok, dtype=torch.long).reshape(-1, 2),
+             match_char=torch.tensor(char, dtype=torch.long).reshape(-1, 2),
+             match_ref=torch.stack(ref) if ref else torch.zeros(0, data["region_mask"].shape[1], dtype=torch.bool))
+    resolve_positions(q, kind)
+    stats["phrases_used"] = int(len(q["match_txt"]))
+    return {"txt": q["match_txt"], "pos": q["match_pos"], "reference": q["match_ref"], "stats": stats}

@@ -52,7 +52,8 @@ from .vocab import Vocab
 
 PAD_SCORE = -100.0
 # Options that may change between a run and its resumption (how it runs, not what it computes).
-RUNTIME_KEYS = {"epochs", "device", "num_workers", "checkpoint_every", "log_every", "max_steps", "val_rerank_top"}
+RUNTIME_KEYS = {"epochs", "device", "num_workers", "checkpoint_every", "log_every", "max_steps", "val_rerank_top",
+                "val_max_images"}
 
 
 @dataclass
@@ -87,6 +88,7 @@ class MatchTrainConfig:
     log_every: int = 10
     max_steps: int = 0  # stop after this many steps in total (checkpointed; resumable); 0 = no limit
     val_rerank_top: int = 0  # MMCA validation by shortlist-and-rerank with this K; 0 = exact
+    val_max_images: int = 0  # validate on the split's first N images only; 0 = all
     # SCAN
     embed: int = 1024
     word_dim: int = 300
@@ -142,6 +144,30 @@ class MatchNet(nn.Module):
         """Region features as the model sees them (float, standardised when statistics are set)."""
         return (feats.to(self.feat_mean.dtype) - self.feat_mean) / self.feat_std
 
+    def attention(self, batch: dict) -> dict:
+        """Word->region attention of matched pairs only (caption p with image ``txt_img[p]``): ``query,
+        values, weights, scores, value_mask`` as in :meth:`forward`, without scoring all pairs."""
+        ti, rmask = batch["txt_img"], batch["region_mask"]
+        if self.kind == "scan":
+            if self.net.direction != "t2i":
+                raise ValueError("word->region attention needs SCAN direction 't2i'")
+            img = self.net.encode_image(self.regions(batch["regions"][ti]))
+            return self._scan_attention(img, rmask[ti], self.net.encode_text(batch["tokens"], batch["lengths"]),
+                                        batch["lengths"])
+        m = self.net(self.regions(batch["regions"][ti]), rmask[ti], batch["words"], batch["word_mask"])
+        return self._mmca_attention(m, rmask[ti])
+
+    def _scan_attention(self, img, rmask, cap, lengths) -> dict:
+        a = self.net.attention(img, rmask, cap, lengths)
+        return dict(query=a["query"], values=a["values"], weights=a["weights"], scores=a["logits"],
+                    value_mask=a["key_mask"])
+
+    @staticmethod
+    def _mmca_attention(m: dict, vm: torch.Tensor) -> dict:
+        logw = torch.log(m["attn"].clamp_min(1e-12)) + torch.log(vm.sum(1).float())[:, None, None]
+        return dict(query=m["word_embed"], values=m["region_embed"], weights=m["attn"],
+                    scores=logw.masked_fill(~vm[:, None, :], float("-inf")), value_mask=vm)
+
     def forward(self, batch: dict, attention: bool = True) -> dict:
         """``sim (P, P)``: row p = image of caption p, column = caption (the loss's layout). With
         ``attention``: matched-pair word->region ``query (P, L, d)``, ``values (P, R, d)``, ``weights
@@ -152,17 +178,12 @@ class MatchNet(nn.Module):
             cap = self.net.encode_text(batch["tokens"], batch["lengths"])
             out = {"sim": self.net.sim_matrix(img, rmask, cap, batch["lengths"])[ti]}
             if attention and self.net.direction == "t2i":
-                a = self.net.attention(img[ti], rmask[ti], cap, batch["lengths"])
-                out.update(query=a["query"], values=a["values"], weights=a["weights"], scores=a["logits"],
-                           value_mask=a["key_mask"])
+                out.update(self._scan_attention(img[ti], rmask[ti], cap, batch["lengths"]))
             return out
         m = self.net(self.regions(batch["regions"][ti]), rmask[ti], batch["words"], batch["word_mask"], all_pairs=True)
         out = {"sim": m["sim"]}
         if attention:
-            vm = rmask[ti]
-            logw = torch.log(m["attn"].clamp_min(1e-12)) + torch.log(vm.sum(1).float())[:, None, None]
-            out.update(query=m["word_embed"], values=m["region_embed"], weights=m["attn"],
-                       scores=logw.masked_fill(~vm[:, None, :], float("-inf")), value_mask=vm)
+            out.update(self._mmca_attention(m, rmask[ti]))
         return out
 
 
@@ -248,8 +269,13 @@ def build_vocab(cfg: MatchTrainConfig) -> Vocab:
                        cfg.max_words)
 
 
-def make_dataset(cfg: MatchTrainConfig, split: str, vocab: Vocab | None, captions: str, labels: bool) -> MatchDataset:
-    return MatchDataset(cfg.store, kind=cfg.model, text_cache=cfg.text_cache, vocab=vocab, split=split,
+def make_dataset(cfg: MatchTrainConfig, split: str, vocab: Vocab | None, captions: str, labels: bool,
+                 max_images: int = 0, store: str | None = None) -> MatchDataset:
+    """The split's good rows (the first ``max_images`` when > 0) as a :class:`MatchDataset`."""
+    store = store or cfg.store
+    rows = split_rows(store, split)
+    rows = rows[:max_images] if max_images > 0 else rows
+    return MatchDataset(store, kind=cfg.model, text_cache=cfg.text_cache, vocab=vocab, rows=rows,
                         captions=captions, seed=cfg.seed, labels=labels, score_threshold=cfg.ica_score_threshold,
                         inside_threshold=cfg.inside_threshold, cache_blocks=cfg.window_blocks)
 
@@ -336,7 +362,7 @@ def train_match(cfg: MatchTrainConfig, run_dir, resume: bool = True) -> dict:
     loader, sampler = match_loader(train_ds, cfg.batch_size, seed=cfg.seed, window_blocks=cfg.window_blocks,
                                    rank=info.rank, world_size=info.world_size, drop_last=info.world_size > 1,
                                    num_workers=cfg.num_workers)
-    val = load_split(make_dataset(cfg, cfg.val_split, vocab, "all", False)) if is_main() else None
+    val = load_split(make_dataset(cfg, cfg.val_split, vocab, "all", False, cfg.val_max_images)) if is_main() else None
     if val is not None and encoder is not None:
         val = encoder(val)
     epoch, batches, step, best = 0, 0, 0, {"rsum": -1.0, "epoch": -1}

@@ -115,15 +115,27 @@ class ShowAttendTell(nn.Module):
         return self.out(self.drop(h)), h, c, alpha, energy, beta
 
     # ---- teacher forcing -----------------------------------------------------------------------------
-    def forward(self, feats: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor | None = None) -> dict:
+    def forward(self, feats: torch.Tensor, captions: torch.Tensor, lengths: torch.Tensor | None = None,
+                img_index: torch.Tensor | None = None) -> dict:
         """Teacher-forced pass.
 
         feats (B, P, D); captions (B, T) long, ``<start>`` first; lengths (B,) encoded lengths incl.
         ``<start>``/``<end>`` (default: all T). Returns logits (B, T-1, V), alphas/energies (B, T-1, P),
         betas (B, T-1) and mask (B, T-1) bool, where index s is the step predicting captions[:, s+1]
         and mask[b, s] = s < lengths[b] - 1. Steps past the longest caption are not run (zeros).
+
+        ``img_index`` (B,): feats are per *image* (N, P, D) and caption b belongs to image img_index[b]
+        (several captions per image). The same as passing ``feats[img_index]``, but the feature
+        projection and initial state are computed once per image, not once per caption.
         """
         feats = self._check_feats(feats)
+        per_image = None
+        if img_index is not None:
+            img_index = torch.as_tensor(img_index, device=feats.device).long()
+            if img_index.dim() != 1 or (img_index.numel() and bool((img_index.min() < 0) | (img_index.max() >= feats.shape[0]))):
+                raise ValueError(f"img_index must be (B,) indices into the {feats.shape[0]} images of feats")
+            per_image = feats
+            feats = feats[img_index]
         if captions.dim() != 2 or captions.dtype != torch.long:
             raise ValueError(f"captions must be (B, T) long, got {tuple(captions.shape)} {captions.dtype}")
         B, T = captions.shape
@@ -144,8 +156,12 @@ class ShowAttendTell(nn.Module):
         alphas = torch.zeros(B, T - 1, P, device=dev, dtype=dt)
         energies = torch.zeros(B, T - 1, P, device=dev, dtype=dt)
         betas = torch.zeros(B, T - 1, device=dev, dtype=dt)
-        feats_proj = self.feat_proj(feats)
-        h, c = self.init_state(feats)
+        if per_image is None:
+            feats_proj = self.feat_proj(feats)
+            h, c = self.init_state(feats)
+        else:
+            feats_proj = self.feat_proj(per_image)[img_index]
+            h, c = (x[img_index] for x in self.init_state(per_image))
         for s in range(int(lengths.max()) - 1):
             out, h, c, alpha, energy, beta = self.step(captions[:, s], h, c, feats, feats_proj)
             logits[:, s], alphas[:, s], energies[:, s], betas[:, s] = out, alpha, energy, beta

@@ -104,8 +104,9 @@ def roi_pool(fmap: torch.Tensor, boxes: torch.Tensor, out: int, samples: int) ->
     grid = torch.stack(torch.broadcast_tensors(gx[:, :, None, :], gy[:, :, :, None]), -1)
     v = F.grid_sample(fmap, grid.reshape(N, M * S, S, 2).to(fmap.dtype), mode="bilinear",
                       padding_mode="border", align_corners=False)  # (N, d, M*S, S)
-    v = v.view(N, d, M, out, samples, out, samples).mean((4, 6))
-    return v.permute(0, 2, 1, 3, 4)
+    if samples > 1:  # bins are aligned samples x samples blocks of the (M*S, S) sample grid
+        v = F.avg_pool2d(v, samples)
+    return v.view(N, d, M, out, out).permute(0, 2, 1, 3, 4)
 
 
 def eq2_offsets(s: torch.Tensor, nw: torch.Tensor, nh: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,7 +141,9 @@ def subregion_similarity(fmap: torch.Tensor, boxes: torch.Tensor, hw: torch.Tens
     nb = torch.stack([cx - nw / 2, cy - nh / 2, cx + nw / 2, cy + nh / 2], -1)
     feats = roi_pool(fmap, boxes_to_grid(nb, hwb, G).reshape(n, m * T, 4), K, samples)  # (n, mT, d, K, K)
     sub = feats.transpose(-1, -2).reshape(n, m, T, -1, K * K).transpose(-1, -2)  # [col, row] -> j
-    cos = F.normalize(sub, dim=-1) @ F.normalize(words, dim=-1).transpose(-1, -2)[:, :, None]  # (n,m,T,KK,L)
+    L = words.shape[2]
+    cos = (F.normalize(sub, dim=-1).reshape(n, m, T * K * K, -1)  # one matmul per pair, no broadcast copies
+           @ F.normalize(words, dim=-1).transpose(-1, -2)).view(n, m, T, K * K, L)
     sim = cos.masked_fill(~word_mask[:, :, None, None, :], float("-inf")).amax(-1)
     j = torch.arange(K * K, device=boxes.device)
     ox = (j // K - K // 2).to(boxes.dtype) * (nw / K)[..., None]
@@ -244,7 +247,9 @@ class SLAN(nn.Module):
     def encode_images(self, grid: torch.Tensor, hw: torch.Tensor, boxes: torch.Tensor,
                       box_mask: torch.Tensor) -> SLANImages:
         """``grid (N, G*G, D_g)``, ``hw (N, 2)`` image (H, W), ``boxes (N, R, 4)`` pixels, ``box_mask (N, R)``."""
-        N, P, _ = grid.shape
+        N, P, Dg = grid.shape
+        if Dg != self.vis_proj.in_features:
+            raise ValueError(f"grid feature width {Dg} != the model's grid_dim {self.vis_proj.in_features}")
         G = math.isqrt(P)
         if G * G != P or G < 1:
             raise ValueError(f"grid has {P} cells per image, not a square G x G")
@@ -267,6 +272,8 @@ class SLAN(nn.Module):
 
     def encode_texts(self, words: torch.Tensor, word_mask: torch.Tensor) -> SLANTexts:
         """Frozen BERT outputs ``words (M, L, text_dim)``, ``word_mask (M, L)`` (token 0 = [CLS])."""
+        if words.shape[-1] != self.word_proj.in_features:
+            raise ValueError(f"text feature width {words.shape[-1]} != the model's text_dim {self.word_proj.in_features}")
         mask = word_mask.bool()
         bad = (~mask[:, 0]).nonzero()
         if len(bad):
@@ -293,7 +300,8 @@ class SLAN(nn.Module):
         words, wmask = txt.words[tt], txt.mask[tt]  # (n, m, L, d), (n, m, L)
         # Region filter: attention mass each region receives from the words.
         q = self.sal_q(words)
-        logits = q @ img.key[ii][:, None].transpose(-1, -2) / math.sqrt(d)  # (n, m, L, R)
+        L = q.shape[2]
+        logits = (q.reshape(n, m * L, d) @ img.key[ii].transpose(-1, -2)).view(n, m, L, R) / math.sqrt(d)
         attn0 = logits.masked_fill(~rmask[:, :, None, :], float("-inf")).softmax(-1)
         wm = wmask[..., None].to(attn0.dtype)
         mass = (attn0 * wm).sum(2) / wm.sum(2)  # (n, m, R)

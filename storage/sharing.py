@@ -1,0 +1,389 @@
+"""Sharing stores between teammates: :func:`copy_store` between any two locations, :func:`diff_stores`.
+
+``copy_store`` copies block by block (one block = one chunk of every array) from any store — local,
+``s3://``, ``gs://``, ``https://``, Zarr or HDF5 — to any writable location, through the same
+:class:`StoreWriter` protocol extraction uses: a block's arrays first, its ``done`` flags last. So a copy
+killed at any moment leaves a normal resumable store, and rerunning the copy transfers only the blocks
+that are not done. Every block is read back from the destination after it is written and compared with
+the source (decoded values, byte for byte), and the destination's fingerprint is computed from what
+arrived. A complete destination is never overwritten unless ``force=True``.
+
+``diff_stores`` says whether two stores hold the same thing: schema, config, classes, rows (image ids in
+order, done flags), and for every array how many rows differ; plus both content fingerprints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .backends import (
+    CREATING,
+    Backend,
+    HDF5Backend,
+    ZarrBackend,
+    backend_kind,
+    check_writable_url,
+    is_local,
+    local_path,
+    open_backend,
+    redact_url,
+    remote_errors,
+    staging_url,
+    url_to_fs,
+)
+from .errors import StoreBeingCreatedError, StoreError, StoreNotFoundError
+from .fingerprint import array_digest, block_digest, canonical_bytes, combine, compute_fingerprint
+from .provenance import utc_now
+from .schema import DONE
+from .writer import StoreWriter, diff_keys, done_mask
+
+# Attributes a copy gets from its destination's creation, never from the source.
+_OWN_ATTRS = ("format", "schema_version", "layout", "complete", "store_id", CREATING, "fingerprint", "copied_from")
+
+
+class CopyVerifyError(StoreError):
+    """A block read back from the destination differs from the source."""
+
+
+@dataclass
+class CopyReport:
+    src: str
+    dst: str
+    blocks_total: int
+    blocks_copied: int = 0
+    blocks_already_done: int = 0  # done in the destination before this run (a resumed copy)
+    blocks_not_in_source: int = 0  # not done in the source (an unfinished source): not copied
+    bytes_copied: int = 0  # decoded bytes of the copied blocks
+    complete: bool = False
+    fingerprint: str | None = None
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        state = f"complete, fingerprint {self.fingerprint}" if self.complete else "incomplete (rerun to resume)"
+        lines = [
+            f"copied {self.src} -> {self.dst}: {self.blocks_copied}/{self.blocks_total} blocks copied, "
+            f"{self.blocks_already_done} already there, {self.blocks_not_in_source} not done in the source; "
+            f"{self.bytes_copied / 2**20:.1f} MiB in {self.seconds:.1f}s; {state}"
+        ]
+        return "\n".join(lines + [f"  note: {n}" for n in self.notes])
+
+    __str__ = summary
+
+
+# ------------------------------------------------------------------------------------------------ copy
+def copy_store(src, dst, *, force: bool = False, progress: bool = True, storage_options_src: dict | None = None,
+               storage_options_dst: dict | None = None, hdf5_compression: str = "gzip") -> CopyReport:
+    """Copy the store at ``src`` to ``dst`` (any two locations, Zarr or HDF5 by ``dst``'s suffix).
+
+    Resumable: rerunning after an interruption copies only blocks not done in ``dst``. Only done blocks of
+    the source are copied; a complete source gives a complete, finalized destination. Raises
+    :class:`StoreError` (one line, nothing changed) when ``dst`` is a complete store and ``force`` is
+    False, when ``dst`` holds an unfinished copy of another store, or on bad input.
+    """
+    src, dst = _url(src), _url(dst)
+    if _same_location(src, dst):
+        raise StoreError(f"source and destination are the same store: {redact_url(src)}")
+    check_writable_url(dst)
+    start = time.perf_counter()
+    with open_backend(src, "r", storage_options_src) as source:
+        if backend_kind(dst) == "hdf5" and not is_local(dst):
+            report = _copy_to_remote_hdf5(source, src, dst, force, progress, storage_options_dst, hdf5_compression)
+        else:
+            report = _copy(source, src, dst, force, progress, storage_options_dst, hdf5_compression)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _copy(source: Backend, src: str, dst: str, force: bool, progress: bool, so_dst: dict | None,
+          compression: str) -> CopyReport:
+    overwrite = _check_destination(source, src, dst, force, so_dst)
+    lay = source.layout
+    src_fp = source.attr("fingerprint")
+    attrs = {k: v for k, v in source.attrs().items() if k not in _OWN_ATTRS}
+    attrs["copied_from"] = {"url": redact_url(src), "store_id": source.attr("store_id"), "fingerprint": src_fp,
+                            "time": utc_now()}
+    report = CopyReport(src=redact_url(src), dst=redact_url(dst), blocks_total=lay.num_blocks)
+    with StoreWriter(dst, lay, attrs, overwrite=overwrite, storage_options=so_dst,
+                     hdf5_compression=compression) as writer:
+        if writer.complete:  # an HDF5 destination packed by a run killed right after packing
+            report.blocks_already_done, report.complete = lay.num_blocks, True
+            report.fingerprint = writer.backend.attr("fingerprint")
+            return report
+        src_done = np.asarray(source.read(DONE, slice(None))) != 0
+        pending = set(writer.pending_blocks())
+        specs = lay.specs()
+        digests: dict[str, list[bytes]] = {s.path: [] for s in specs}
+        bar = tqdm(range(lay.num_blocks), unit="block", desc=f"copy -> {redact_url(dst)}", disable=not progress)
+        for b in bar:
+            rows = lay.block_rows(b)
+            if not src_done[rows.start:rows.stop].all():
+                report.blocks_not_in_source += 1
+                continue
+            if b in pending:
+                arrays = {s.path: source.read_block(s.path, b) for s in specs if s.path != DONE}
+                writer.write_block(b, arrays)
+                _check_arrived(writer.backend, b, arrays, dst)
+                report.blocks_copied += 1
+                report.bytes_copied += sum(a.nbytes for a in arrays.values() if a.dtype != object)
+            else:  # copied by an earlier, interrupted run: read it back for the fingerprint
+                arrays = {s.path: writer.backend.read_block(s.path, b) for s in specs if s.path != DONE}
+                report.blocks_already_done += 1
+            arrays[DONE] = np.ones(len(rows), np.uint8)
+            ones = np.ones(len(rows), bool)
+            for s in specs:
+                digests[s.path].append(block_digest(s, arrays[s.path], ones))
+        bar.close()
+        if report.blocks_not_in_source or not done_mask(writer.backend).all():
+            report.notes.append("the source is not complete: rerun the copy once it is, to finish the destination")
+            return report
+        fp = combine(writer.backend.attrs(), {p: array_digest(d) for p, d in digests.items()})
+        report.complete = writer.finalize({"fingerprint": fp})
+        if isinstance(writer.backend, HDF5Backend):  # packed from the verified staging store: check the file
+            packed = compute_fingerprint(writer.backend)
+            if packed != fp:
+                raise CopyVerifyError(f"{redact_url(dst)}: the packed HDF5 file has fingerprint {packed}, its "
+                                      f"verified staging store {fp}; remove it and copy again")
+        report.fingerprint = fp
+        if src_fp and src_fp != fp:
+            report.notes.append(f"the source records fingerprint {src_fp} but its content hashes to {fp}: the "
+                                "source was modified after it was finalized")
+    return report
+
+
+def _check_arrived(backend: Backend, block: int, arrays: dict[str, np.ndarray], dst: str) -> None:
+    """Read ``block`` back from the destination; on any difference un-done it (so a rerun redoes it), raise."""
+    for path, want in arrays.items():
+        spec = backend.spec(path)
+        got = backend.read_block(path, block)
+        if got.shape != want.shape or canonical_bytes(spec, got) != canonical_bytes(spec, want):
+            rows = backend.layout.block_rows(block)
+            backend.write_rows(DONE, rows.start, np.zeros(len(rows), np.uint8))
+            raise CopyVerifyError(f"{redact_url(dst)}: block {block} of '{path}' differs from the source after "
+                                  "writing it; the block was marked not done, rerun the copy")
+
+
+def _check_destination(source: Backend, src: str, dst: str, force: bool, so_dst: dict | None) -> bool:
+    """Whether the writer must recreate ``dst`` (``overwrite``); raises where ``dst`` must not be touched."""
+    try:
+        existing = _open_destination(dst, so_dst)
+    except StoreBeingCreatedError:
+        return False  # an interrupted creation: the writer redoes it
+    except StoreNotFoundError:
+        return False
+    except StoreError as e:
+        if force:
+            return True
+        raise StoreError(f"destination {redact_url(dst)} cannot be resumed ({e}); pass force=True to replace it") from None
+    if existing is None:
+        return False
+    with existing:
+        if existing.attr("complete"):
+            if not force:
+                raise StoreError(f"destination {redact_url(dst)} is a complete store (fingerprint "
+                                 f"{existing.attr('fingerprint')}); pass force=True (--force) to overwrite it")
+            return True
+        origin = existing.attr("copied_from") or {}
+        if origin.get("store_id") != source.attr("store_id"):
+            if not force:
+                raise StoreError(
+                    f"destination {redact_url(dst)} holds an unfinished store that is not a copy of {redact_url(src)}; "
+                    "pass force=True (--force) to replace it"
+                )
+            return True
+    return False
+
+
+def _open_destination(dst: str, so: dict | None) -> Backend | None:
+    if backend_kind(dst) == "hdf5":
+        if os.path.exists(local_path(dst)):
+            return HDF5Backend(dst, "r", so)
+        if os.path.isdir(local_path(staging_url(dst))):
+            return ZarrBackend(staging_url(dst), "r", so)
+        return None
+    return open_backend(dst, "r", so)
+
+
+def _copy_to_remote_hdf5(source: Backend, src: str, dst: str, force: bool, progress: bool, so_dst: dict | None,
+                         compression: str) -> CopyReport:
+    """An HDF5 file is written locally (resumable, in the temp dir) and uploaded in one PUT once complete."""
+    fs, path = url_to_fs(dst, so_dst)
+    with remote_errors(dst):
+        if fs.exists(path) and not force:
+            raise StoreError(f"destination {redact_url(dst)} exists; pass force=True (--force) to overwrite it")
+    tag = hashlib.sha1(redact_url(dst).encode()).hexdigest()[:12]
+    local = Path(tempfile.gettempdir()) / f"vlcache-copy-{os.getuid()}-{tag}" / Path(path).name
+    local.parent.mkdir(parents=True, exist_ok=True)
+    if local.exists():  # packed by a run killed before its upload: reuse it if it is a copy of this source
+        with HDF5Backend(str(local), "r") as prev:
+            reuse = (prev.attr("copied_from") or {}).get("store_id") == source.attr("store_id")
+            fp = prev.attr("fingerprint")
+        if not reuse:
+            local.unlink()
+    if local.exists():
+        report = CopyReport(src=redact_url(src), dst=redact_url(dst), blocks_total=source.layout.num_blocks,
+                            blocks_already_done=source.layout.num_blocks, complete=True, fingerprint=fp)
+    else:
+        report = _copy(source, src, str(local), force, progress, None, compression)
+    report.dst = redact_url(dst)
+    if report.complete:
+        with remote_errors(dst):
+            fs.put_file(str(local), path)
+            if fs.size(path) != local.stat().st_size:
+                raise CopyVerifyError(f"{redact_url(dst)}: uploaded size differs from the local file {local}")
+        local.unlink()
+        local.parent.rmdir()
+    else:
+        report.notes.append(f"the HDF5 file is uploaded once complete; partial copy kept in {local.parent}")
+    return report
+
+
+def _url(u) -> str:
+    return os.fspath(u) if isinstance(u, os.PathLike) else str(u)
+
+
+def _same_location(a: str, b: str) -> bool:
+    def norm(u):
+        return os.path.abspath(local_path(u)) if is_local(u) else redact_url(u).rstrip("/")
+
+    return norm(a) == norm(b)
+
+
+# ------------------------------------------------------------------------------------------------ diff
+@dataclass
+class DiffReport:
+    a: str
+    b: str
+    schema: list[str] = field(default_factory=list)  # format / schema version / layout differences
+    config: list[str] = field(default_factory=list)  # dotted config keys that differ
+    classes_same: bool = True
+    rows_same: bool = True  # same number of rows and the same image ids in the same order
+    ids_differ: int = 0
+    done_differ: int = 0  # rows done in one store only
+    arrays: dict[str, int] = field(default_factory=dict)  # array -> rows (done in both) whose values differ
+    missing: list[str] = field(default_factory=list)  # arrays only one store has / shapes that differ
+    attrs: list[str] = field(default_factory=list)  # other root attributes that differ (informational)
+    fingerprint_a: str | None = None
+    fingerprint_b: str | None = None
+
+    @property
+    def identical(self) -> bool:
+        """Same schema, config, classes, rows and array values (provenance attributes may differ)."""
+        return (not self.schema and not self.config and self.classes_same and self.rows_same
+                and not self.done_differ and not self.missing and not any(self.arrays.values()))
+
+    def summary(self) -> str:
+        lines = [f"a: {self.a}  (fingerprint {self.fingerprint_a})", f"b: {self.b}  (fingerprint {self.fingerprint_b})"]
+        lines.append("IDENTICAL content" if self.identical else "DIFFERENT")
+        lines.append("schema   " + ("same" if not self.schema else "; ".join(self.schema)))
+        lines.append("config   " + ("same" if not self.config else "; ".join(self.config[:10])))
+        lines.append("classes  " + ("same" if self.classes_same else "differ"))
+        lines.append("rows     " + ("same ids in the same order" if self.rows_same else
+                                    f"differ ({self.ids_differ} rows with another image id)")
+                     + (f"; {self.done_differ} rows done in one store only" if self.done_differ else ""))
+        differing = {p: n for p, n in self.arrays.items() if n}
+        lines.append("arrays   " + ("all equal" if not differing else
+                                    ", ".join(f"{p}: {n} rows differ" for p, n in differing.items())))
+        lines += [f"missing  {m}" for m in self.missing]
+        if self.attrs:
+            lines.append("attrs    differ (provenance only): " + ", ".join(self.attrs))
+        return "\n".join(lines)
+
+    __str__ = summary
+
+
+def diff_stores(a, b, *, storage_options_a: dict | None = None, storage_options_b: dict | None = None,
+                progress: bool = False) -> DiffReport:
+    """Compare two stores (any locations and backends) value by value; reads both once."""
+    a, b = _url(a), _url(b)
+    with open_backend(a, "r", storage_options_a) as A, open_backend(b, "r", storage_options_b) as B:
+        return _diff(A, B, progress)
+
+
+def _diff(A: Backend, B: Backend, progress: bool) -> DiffReport:
+    rep = DiffReport(a=redact_url(A.url), b=redact_url(B.url))
+    aa, ba = A.attrs(), B.attrs()
+    for key in ("format", "schema_version"):
+        if aa.get(key) != ba.get(key):
+            rep.schema.append(f"{key} {aa.get(key)!r} != {ba.get(key)!r}")
+    rep.schema += ["layout." + d for d in diff_keys(aa.get("layout"), ba.get("layout"))]
+    rep.config = diff_keys(aa.get("config"), ba.get("config"))
+    rep.classes_same = aa.get("classes") == ba.get("classes")
+    skip = set(_OWN_ATTRS) | {"config", "classes"}
+    rep.attrs = sorted(k for k in set(aa) | set(ba) if k not in skip and aa.get(k) != ba.get(k))
+
+    la, lb = A.layout, B.layout
+    n = la.num_rows
+    if n != lb.num_rows:
+        rep.rows_same = False
+        rep.fingerprint_a, rep.fingerprint_b = _fp(A), _fp(B)
+        return rep
+    same_blocks = la.block_size == lb.block_size and not rep.schema
+    done_a = np.asarray(A.read(DONE, slice(None))) != 0
+    done_b = np.asarray(B.read(DONE, slice(None))) != 0
+    rep.done_differ = int((done_a != done_b).sum())
+    both = done_a & done_b
+    present_a, present_b = set(A.arrays()), set(B.arrays())
+    specs_b = {s.path: s for s in lb.specs()}
+    digests_a: dict[str, list[bytes]] = {}
+    digests_b: dict[str, list[bytes]] = {}
+    todo = [s for s in la.specs()]
+    rep.missing += [f"'{p}' only in b" for p in specs_b if p not in {s.path for s in todo} and p in present_b]
+    bar = tqdm(total=len(todo) * la.num_blocks, unit="chunk", desc="diff", disable=not progress)
+    for spec in todo:
+        if spec.path not in present_a or spec.path not in present_b:
+            rep.missing.append(f"'{spec.path}' only in {'a' if spec.path in present_a else 'b'}")
+            continue
+        if A.shape(spec.path) != B.shape(spec.path) or specs_b.get(spec.path) != spec:
+            rep.missing.append(f"'{spec.path}' has shape {A.shape(spec.path)} in a, {B.shape(spec.path)} in b")
+            continue
+        differ = 0
+        for blk in range(la.num_blocks):
+            r = la.block_rows(blk)
+            sl = slice(r.start, r.stop)
+            xa, xb = A.read(spec.path, sl), B.read(spec.path, sl)
+            differ += int((_row_differs(spec, xa, xb) & both[sl]).sum())
+            if same_blocks:
+                digests_a.setdefault(spec.path, []).append(block_digest(spec, xa, done_a[sl]))
+                digests_b.setdefault(spec.path, []).append(block_digest(spec, xb, done_b[sl]))
+            bar.update(1)
+        rep.arrays[spec.path] = differ
+    bar.close()
+    id_spec = A.spec("images/id")
+    ids_differ = _row_differs(id_spec, A.read(id_spec.path, slice(None)), B.read(id_spec.path, slice(None)))
+    rep.ids_differ = int((ids_differ & (done_a | done_b)).sum())
+    rep.rows_same = rep.ids_differ == 0
+    complete = [s.path for s in la.specs()]
+    if same_blocks and all(p in digests_a for p in complete):
+        rep.fingerprint_a = combine(aa, {p: array_digest(digests_a[p]) for p in complete})
+        rep.fingerprint_b = combine(ba, {p: array_digest(digests_b[p]) for p in complete})
+    else:
+        rep.fingerprint_a, rep.fingerprint_b = _fp(A), _fp(B)
+    return rep
+
+
+def _row_differs(spec, xa: np.ndarray, xb: np.ndarray) -> np.ndarray:
+    """(rows,) bool: rows whose values differ (floats compared bit for bit)."""
+    if xa.dtype == object or xb.dtype == object:
+        neq = np.asarray(xa, dtype=object) != np.asarray(xb, dtype=object)
+    else:
+        dt = np.dtype(spec.dtype)
+        va = np.ascontiguousarray(xa, dtype=dt).view(np.uint8)
+        vb = np.ascontiguousarray(xb, dtype=dt).view(np.uint8)
+        neq = va != vb
+    return np.asarray(neq).reshape(len(xa), -1).any(axis=1)
+
+
+def _fp(backend: Backend) -> str | None:
+    try:
+        return compute_fingerprint(backend)
+    except StoreError:
+        return None

@@ -1,0 +1,170 @@
+"""Matching evaluation: scores and report, rerank = exact at K = all, Flickr30k Entities reader."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from synth_store import make_synth_store
+from vlcache.stages.train.match_data import (
+    entity_queries, load_split, read_entities_annotation, read_entities_sentences)
+from vlcache.stages.train.match_eval import evaluate_match, protocol_metrics
+from vlcache.stages.train.match_train import MatchTrainConfig, load_match_run, make_dataset, similarity, train_match
+from vlcache.storage.store import open_store
+
+torch.set_num_threads(2)
+TINY = dict(embed=32, word_dim=32, d=32, heads=4, vocab_min_count=1, device="cpu", epochs=1, batch_size=8,
+            region_norm=True, val_max_images=4)
+
+
+@pytest.fixture(scope="module")
+def synth():
+    return make_synth_store()[0]
+
+
+@pytest.fixture(scope="module")
+def scan_run(synth, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "scan"
+    train_match(MatchTrainConfig(model="scan", store=synth, **TINY), run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def mmca_run(synth, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "mmca"  # no text cache: BERT runs online in training and eval
+    train_match(MatchTrainConfig(model="mmca", store=synth, **TINY), run)
+    return run
+
+
+def test_evaluation_writes_scores_and_report_in_range(scan_run):
+    s = evaluate_match(scan_run, "test", figures=2, device="cpu")
+    assert s["n_images"] == 4 and s["n_captions"] == 20 and s["retrieval"]["protocol"] == "full"
+    recalls = [s[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)]
+    assert all(0 <= r <= 100 for r in recalls) and s["rsum"] == pytest.approx(sum(recalls))
+    assert s["t2i_r5"] == s["t2i_r10"] == 100.0  # 4 images: the right one is always in the top 5
+    for k in ("attn_precision", "attn_recall", "attn_f1"):
+        assert 0.0 <= s[k] <= 1.0, k
+    assert 0 < s["attn_words"] <= s["matched_words"]
+    saved = json.loads((scan_run / "eval" / "scores_test.json").read_text())
+    assert saved["rsum"] == s["rsum"] and json.loads((scan_run / "eval" / "scores.json").read_text()) == saved
+    report = (scan_run / "report.md").read_text()
+    assert "rsum" in report and "Attention" in report and f"{s['rsum']:.2f}" in report
+    figs = sorted((scan_run / "figures").glob("match_attention_test_*.png"))
+    assert len(figs) == 2 and all(f.stat().st_size > 5000 for f in figs)
+    assert all(f"figures/{f.name}" in report for f in figs)
+
+
+def test_evaluation_refuses_another_store(scan_run, tiny_store):
+    with pytest.raises(ValueError, match="fingerprint"):
+        evaluate_match(scan_run, "test", store=tiny_store.url, device="cpu")
+
+
+def test_mmca_rerank_with_k_all_equals_exact(mmca_run):
+    s = evaluate_match(mmca_run, "test", rerank_top=1000, figures=0, device="cpu")
+    rr = s["rerank"]
+    assert rr["vs_exact"]["max_abs_diff"] == 0.0 and rr["metrics"]["full"]["rsum"] == s["rsum"]
+    assert rr["cross_passes"] == rr["exact_cross_passes"] == 4 * 20
+    net, vocab, _, cfg = load_match_run(mmca_run)
+    from vlcache.stages.train.match_train import TextEncoder
+    data = TextEncoder(cfg.bert, cfg.text_len, "cpu")(load_split(make_dataset(cfg, "test", vocab, "all", False)))
+    exact = similarity(net, data, "cpu")["sim"]
+    full = similarity(net, data, "cpu", rerank_top=20)
+    assert torch.allclose(full["sim"], exact, atol=1e-5) and torch.allclose(full["sim_t2i"], exact, atol=1e-5)
+    short = similarity(net, data, "cpu", rerank_top=2)
+    assert short["n_pairs"] < 80
+    # Shortlisted entries hold the exact S; the rest rank below them.
+    top = exact.new_zeros(exact.shape, dtype=torch.bool)
+    base = net.net.encode_all(net.regions(data["regions"]), data["region_mask"], data["words"], data["word_mask"])
+    i0c0 = base.i0 @ base.c0.T
+    top.scatter_(1, i0c0.topk(2, dim=1).indices, True)
+    assert torch.allclose(short["sim"][top], exact[top], atol=1e-5)
+    assert (short["sim"][~top].max() < short["sim"][top].min())
+
+
+def test_protocol_is_coco_1k_5k_from_5000_images():
+    g = torch.Generator().manual_seed(0)
+    sim = torch.rand(5000, 5000, generator=g)
+    m = protocol_metrics(sim, torch.arange(5000))
+    assert m["protocol"] == "coco" and len(m["folds"]) == 5 and set(m) >= {"1k", "5k"}
+    assert protocol_metrics(sim[:1000, :1000], torch.arange(1000))["protocol"] == "full"
+
+
+# ------------------------------------------------------------------------------- Flickr30k Entities
+def test_entities_reader_on_the_published_format(tmp_path):
+    (tmp_path / "s.txt").write_text(
+        "[/EN#18/people A man] with [/EN#19/other pierced ears] is wearing [/EN#20/bodyparts/other glasses] .\n"
+        "[/EN#0/notvisual Someone] looks at [/EN#21/clothing an orange hat] .\n")
+    sents = read_entities_sentences(tmp_path / "s.txt")
+    assert sents[0]["sentence"] == "A man with pierced ears is wearing glasses ."
+    assert [(p["phrase_id"], p["first_word"], p["words"], p["types"]) for p in sents[0]["phrases"]] == [
+        ("18", 0, ["A", "man"], ["people"]), ("19", 3, ["pierced", "ears"], ["other"]),
+        ("20", 6, ["glasses"], ["bodyparts", "other"])]
+    assert [p["phrase_id"] for p in sents[1]["phrases"]] == ["0", "21"]
+    (tmp_path / "a.xml").write_text(
+        "<annotation><filename>1.jpg</filename><size><width>500</width><height>333</height><depth>3</depth></size>"
+        "<object><name>18</name><name>22</name><bndbox><xmin>1</xmin><ymin>11</ymin><xmax>100</xmax>"
+        "<ymax>200</ymax></bndbox></object>"
+        "<object><name>18</name><bndbox><xmin>50</xmin><ymin>60</ymin><xmax>70</xmax><ymax>80</ymax></bndbox></object>"
+        "<object><name>19</name><nobndbox>1</nobndbox></object>"
+        "<object><name>23</name><scene>1</scene></object></annotation>")
+    ann = read_entities_annotation(tmp_path / "a.xml")
+    assert (ann["width"], ann["height"]) == (500, 333)
+    assert ann["boxes"] == {"18": [[0, 10, 100, 200], [49, 59, 70, 80]], "22": [[0, 10, 100, 200]]}
+    assert ann["nobox"] == ["19"] and ann["scene"] == ["23"]
+    (tmp_path / "bad.txt").write_text("[/EN#5/people A man walks .\n")
+    with pytest.raises(ValueError, match="never closed"):
+        read_entities_sentences(tmp_path / "bad.txt")
+
+
+def _write_entities(root, url, split="test"):
+    """Entities files for the split's images: two captions each, matched words as phrases whose boxes are
+    the instance boxes of their class (1-based XML pixel indices, as published)."""
+    store = open_store(url)
+    sep = lambda part: re.sub(r"([,.:;!?])", r" \1", part)  # noqa: E731  Entities splits off punctuation
+    (root / "Sentences").mkdir(parents=True)
+    (root / "Annotations").mkdir()
+    expected = 0
+    for row in store.rows(split):
+        stem = store.image_path(row).rsplit("/", 1)[-1].rsplit(".", 1)[0]
+        inst = store.instances(row)
+        lines, objects = [], []
+        for c in range(2):
+            text = store.captions(row)[c].rstrip(".")
+            out, at = [], 0
+            for m in store.matches(row, c):
+                out += [sep(text[at:m["char_start"]]), f"[/EN#{100 + m['label']}/other ",
+                        text[m["char_start"]:m["char_end"]], "]"]
+                at = m["char_end"]
+                expected += 1
+            lines.append("".join(out + [sep(text[at:]), " ."]))
+        for lab, (x1, y1, x2, y2) in zip(inst["labels"].tolist(), inst["boxes"].tolist()):
+            objects.append(f"<object><name>{100 + lab}</name><bndbox><xmin>{int(x1) + 1}</xmin><ymin>{int(y1) + 1}"
+                           f"</ymin><xmax>{int(x2)}</xmax><ymax>{int(y2)}</ymax></bndbox></object>")
+        (root / "Sentences" / f"{stem}.txt").write_text("\n".join(lines) + "\n")
+        (root / "Annotations" / f"{stem}.xml").write_text(f"<annotation>{''.join(objects)}"
+                                                          "<object><name>7</name><scene>1</scene></object></annotation>")
+    return expected
+
+
+def test_entities_queries_and_metrics_on_the_synthetic_store(scan_run, synth, tmp_path):
+    expected = _write_entities(tmp_path / "ent", synth)
+    net, vocab, _, cfg = load_match_run(scan_run)
+    data = load_split(make_dataset(cfg, "test", vocab, "all", False))
+    q = entity_queries(tmp_path / "ent", synth, data, "scan")
+    assert q["stats"]["images"] == 4 and q["stats"]["sentences"] == 8 and q["stats"]["sentences_unmatched"] == 0
+    assert q["stats"]["phrases_boxed"] == q["stats"]["phrases_used"] == expected > 0
+    store = open_store(synth)
+    for j in range(len(q["txt"])):
+        t = int(q["txt"][j])
+        i = int(data["txt_img"][t])
+        boxes = store.regions(int(data["rows"][i]))["boxes"]
+        ref = q["reference"][j, :len(boxes)].numpy()
+        assert ref.any()  # regions are the instance boxes here, so a phrase's own box is a region (IoU 1)
+        words = [data["token_texts"][t].split()[int(p) - 1] for p in q["pos"][j].nonzero().squeeze(1)]
+        assert words and all(w.isalpha() for w in words)
+    s = evaluate_match(scan_run, "test", entities=tmp_path / "ent", figures=0, device="cpu")
+    e = s["entities"]
+    assert e["attn_words"] == expected and all(0 <= e[k] <= 1 for k in ("attn_precision", "attn_recall", "attn_f1"))
+    assert "Flickr30k Entities" in (scan_run / "report.md").read_text()
