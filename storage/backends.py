@@ -115,12 +115,38 @@ def create_backend(
             "complete": False,
             "store_id": uuid.uuid4().hex,
         }
-        store = zarr_store(zurl, False, storage_options)
         # The CREATING marker is the first thing written and is replaced by the full attributes last, so
         # a creation killed half-way is recognisable (and is redone by the next writer).
-        group = zarr.create_group(store, overwrite=True, attributes={CREATING: True})
-        for spec in layout.specs():
-            create_zarr_array(group, spec, layout)
-        group.attrs.put(root)
-        consolidate(store)
+        if is_local(zurl):
+            store = zarr_store(zurl, False, storage_options)
+            group = zarr.create_group(store, overwrite=True, attributes={CREATING: True})
+            for spec in layout.specs():
+                create_zarr_array(group, spec, layout)
+            group.attrs.put(root)
+            consolidate(store)
+        else:
+            _create_remote(zurl, layout, root, storage_options)
     return ZarrBackend(zurl, "r+", storage_options)
+
+
+def _metadata_documents(layout: Layout | None, attrs: dict) -> dict[str, bytes]:
+    """The metadata files (``zarr.json`` of the root, groups and arrays) of an empty store, built in memory."""
+    docs: dict = {}
+    mem = zarr.storage.MemoryStore(store_dict=docs)
+    group = zarr.create_group(mem, attributes=attrs)
+    for spec in layout.specs() if layout is not None else ():
+        create_zarr_array(group, spec, layout)
+    if layout is not None:
+        consolidate(mem)
+    return {key: buf.to_bytes() for key, buf in docs.items()}
+
+
+def _create_remote(url: str, layout: Layout, root: dict, storage_options: dict | None) -> None:
+    """Create a store on an object store in three steps (marker, every array's metadata at once, root):
+    ~30 sequential round trips of zarr's array-by-array creation become 3."""
+    fs, path = url_to_fs(url, storage_options)
+    path = path.rstrip("/")
+    docs = _metadata_documents(layout, root)
+    fs.pipe({f"{path}/zarr.json": _metadata_documents(None, {CREATING: True})["zarr.json"]})
+    fs.pipe({f"{path}/{key}": doc for key, doc in docs.items() if key != "zarr.json"})
+    fs.pipe({f"{path}/zarr.json": docs["zarr.json"]})

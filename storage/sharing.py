@@ -18,6 +18,8 @@ import hashlib
 import os
 import tempfile
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from .backends import (
     CREATING,
     Backend,
     HDF5Backend,
+    StoreAccessError,
     ZarrBackend,
     backend_kind,
     check_writable_url,
@@ -81,9 +84,11 @@ class CopyReport:
 
 # ------------------------------------------------------------------------------------------------ copy
 def copy_store(src, dst, *, force: bool = False, progress: bool = True, storage_options_src: dict | None = None,
-               storage_options_dst: dict | None = None, hdf5_compression: str = "gzip") -> CopyReport:
+               storage_options_dst: dict | None = None, hdf5_compression: str = "gzip",
+               workers: int = 4) -> CopyReport:
     """Copy the store at ``src`` to ``dst`` (any two locations, Zarr or HDF5 by ``dst``'s suffix).
 
+    ``workers`` blocks are copied at once (threads; object stores are latency-bound).
     Resumable: rerunning after an interruption copies only blocks not done in ``dst``. Only done blocks of
     the source are copied; a complete source gives a complete, finalized destination. Raises
     :class:`StoreError` (one line, nothing changed) when ``dst`` is a complete store and ``force`` is
@@ -96,15 +101,16 @@ def copy_store(src, dst, *, force: bool = False, progress: bool = True, storage_
     start = time.perf_counter()
     with open_backend(src, "r", storage_options_src) as source:
         if backend_kind(dst) == "hdf5" and not is_local(dst):
-            report = _copy_to_remote_hdf5(source, src, dst, force, progress, storage_options_dst, hdf5_compression)
+            report = _copy_to_remote_hdf5(source, src, dst, force, progress, storage_options_dst,
+                                          hdf5_compression, workers)
         else:
-            report = _copy(source, src, dst, force, progress, storage_options_dst, hdf5_compression)
+            report = _copy(source, src, dst, force, progress, storage_options_dst, hdf5_compression, workers)
     report.seconds = time.perf_counter() - start
     return report
 
 
 def _copy(source: Backend, src: str, dst: str, force: bool, progress: bool, so_dst: dict | None,
-          compression: str) -> CopyReport:
+          compression: str, workers: int) -> CopyReport:
     overwrite = _check_destination(source, src, dst, force, so_dst)
     lay = source.layout
     src_fp = source.attr("fingerprint")
@@ -121,31 +127,37 @@ def _copy(source: Backend, src: str, dst: str, force: bool, progress: bool, so_d
         src_done = np.asarray(source.read(DONE, slice(None))) != 0
         pending = set(writer.pending_blocks())
         specs = lay.specs()
-        digests: dict[str, list[bytes]] = {s.path: [] for s in specs}
-        bar = tqdm(range(lay.num_blocks), unit="block", desc=f"copy -> {redact_url(dst)}", disable=not progress)
-        for b in bar:
-            rows = lay.block_rows(b)
-            if not src_done[rows.start:rows.stop].all():
-                report.blocks_not_in_source += 1
-                continue
+        todo = [b for b in range(lay.num_blocks) if src_done[_rows(lay, b)].all()]
+        report.blocks_not_in_source = lay.num_blocks - len(todo)
+
+        def one(b: int):
+            """Copy (and check) block ``b``, or read it back if an earlier run copied it; its digests."""
             if b in pending:
                 arrays = {s.path: source.read_block(s.path, b) for s in specs if s.path != DONE}
                 writer.write_block(b, arrays)
                 _check_arrived(writer.backend, b, arrays, dst)
-                report.blocks_copied += 1
-                report.bytes_copied += sum(a.nbytes for a in arrays.values() if a.dtype != object)
-            else:  # copied by an earlier, interrupted run: read it back for the fingerprint
+            else:
                 arrays = {s.path: writer.backend.read_block(s.path, b) for s in specs if s.path != DONE}
-                report.blocks_already_done += 1
-            arrays[DONE] = np.ones(len(rows), np.uint8)
-            ones = np.ones(len(rows), bool)
-            for s in specs:
-                digests[s.path].append(block_digest(s, arrays[s.path], ones))
-        bar.close()
+            n = len(lay.block_rows(b))
+            arrays[DONE] = np.ones(n, np.uint8)
+            digest = {s.path: block_digest(s, arrays[s.path], np.ones(n, bool)) for s in specs}
+            return b, sum(a.nbytes for a in arrays.values() if a.dtype != object), digest
+
+        digests: dict[str, dict[int, bytes]] = {s.path: {} for s in specs}
+        with tqdm(total=len(todo), unit="block", desc=f"copy -> {redact_url(dst)}", disable=not progress) as bar:
+            for b, nbytes, digest in _in_order(one, todo, workers):
+                if b in pending:
+                    report.blocks_copied += 1
+                    report.bytes_copied += nbytes
+                else:
+                    report.blocks_already_done += 1
+                for path, d in digest.items():
+                    digests[path][b] = d
+                bar.update(1)
         if report.blocks_not_in_source or not done_mask(writer.backend).all():
             report.notes.append("the source is not complete: rerun the copy once it is, to finish the destination")
             return report
-        fp = combine(writer.backend.attrs(), {p: array_digest(d) for p, d in digests.items()})
+        fp = combine(writer.backend.attrs(), {p: array_digest([d[b] for b in sorted(d)]) for p, d in digests.items()})
         report.complete = writer.finalize({"fingerprint": fp})
         if isinstance(writer.backend, HDF5Backend):  # packed from the verified staging store: check the file
             packed = compute_fingerprint(writer.backend)
@@ -157,6 +169,30 @@ def _copy(source: Backend, src: str, dst: str, force: bool, progress: bool, so_d
             report.notes.append(f"the source records fingerprint {src_fp} but its content hashes to {fp}: the "
                                 "source was modified after it was finalized")
     return report
+
+
+def _rows(lay, b: int) -> slice:
+    r = lay.block_rows(b)
+    return slice(r.start, r.stop)
+
+
+def _in_order(fn, items: list, workers: int):
+    """``fn(item)`` for every item on ``workers`` threads (object stores are latency-bound: several blocks
+    in flight hide it), results yielded in order, at most ``2 * workers`` pending at once."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="vlcache-copy")
+    pending: deque = deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _check_arrived(backend: Backend, block: int, arrays: dict[str, np.ndarray], dst: str) -> None:
@@ -179,6 +215,8 @@ def _check_destination(source: Backend, src: str, dst: str, force: bool, so_dst:
         return False  # an interrupted creation: the writer redoes it
     except StoreNotFoundError:
         return False
+    except StoreAccessError:
+        raise
     except StoreError as e:
         if force:
             return True
@@ -213,7 +251,7 @@ def _open_destination(dst: str, so: dict | None) -> Backend | None:
 
 
 def _copy_to_remote_hdf5(source: Backend, src: str, dst: str, force: bool, progress: bool, so_dst: dict | None,
-                         compression: str) -> CopyReport:
+                         compression: str, workers: int) -> CopyReport:
     """An HDF5 file is written locally (resumable, in the temp dir) and uploaded in one PUT once complete."""
     fs, path = url_to_fs(dst, so_dst)
     with remote_errors(dst):
@@ -232,7 +270,7 @@ def _copy_to_remote_hdf5(source: Backend, src: str, dst: str, force: bool, progr
         report = CopyReport(src=redact_url(src), dst=redact_url(dst), blocks_total=source.layout.num_blocks,
                             blocks_already_done=source.layout.num_blocks, complete=True, fingerprint=fp)
     else:
-        report = _copy(source, src, str(local), force, progress, None, compression)
+        report = _copy(source, src, str(local), force, progress, None, compression, workers)
     report.dst = redact_url(dst)
     if report.complete:
         with remote_errors(dst):

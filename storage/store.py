@@ -60,7 +60,7 @@ class Store:
         return self.layout.num_rows
 
     def __repr__(self) -> str:
-        name = self._attrs.get("dataset", {}).get("name", "?")
+        name = self._attrs.get("dataset") or "?"
         return (f"Store({self.url!r}, dataset={name!r}, rows={len(self)}, done={int(self._done.sum())}, "
                 f"groups={list(self.layout.groups)})")
 
@@ -154,7 +154,7 @@ class Store:
         rel = str(self.backend.read("images/path", k))
         root = self._image_root
         if root is None:
-            root = self._attrs.get("dataset", {}).get("image_root")
+            root = self._attrs.get("image_root")
         if root in (None, ""):
             raise StoreError(f"store {self.url} records no image_root; pass image_root=... to vlcache.open()")
         root = os.fspath(root)

@@ -111,7 +111,7 @@ def make_tiny_store(url, image_root: Path, n: int = 20, block_size: int = 8, *, 
             truth["matches/count"][r, c] = len(sp)
             truth["matches/span"][r, c, :len(sp)] = sp
             truth["matches/label"][r, c, :len(sl)] = sl
-    attrs = {"dataset": {"name": "tiny", "image_root": str(image_root), "splits": list(SPLITS), "sources": []},
+    attrs = {"dataset": "tiny", "image_root": str(image_root), "splits": {s: 0 for s in SPLITS}, "sources": [],
              "config": {"detector": "synthetic"}, "classes": CLASSES}
     writer = StoreWriter(url, layout, attrs, overwrite=True)
     todo = range(layout.num_blocks) if blocks is None else blocks

@@ -233,3 +233,41 @@ def test_max_steps_stops_with_a_checkpoint_then_continues(synth, tmp_path):
     assert ckpt["sampler"]["position"] == 16 and ckpt["epoch"] == 0
     done = train_caption(CaptionTrainConfig(**{**cfg.__dict__, "max_steps": None}), tmp_path / "run", progress=False)
     assert done["steps"] == 5 and done["epochs_completed"] == 1 and not done["interrupted"]
+
+
+DDP_SCRIPT = """
+import hashlib, json, sys, torch
+torch.set_num_threads(1)
+from vlcache.stages.train import distributed as D
+from vlcache.stages.train.caption_train import CaptionTrainConfig, train_caption
+url, run, out = sys.argv[1:4]
+cfg = CaptionTrainConfig(store=url, epochs=1, batch_images=8, embed_dim=16, attn_dim=16, hidden_dim=16, num_workers=0,
+                         device="cpu", val_max_images=1, beam_size=1, max_len=8, log_every=1)
+seen = []
+summary = train_caption(cfg, run, progress=False, on_step=lambda s, t: seen.append(t["loss"]))
+import vlcache.stages.train.caption_train as ct
+info = {"rank": D.rank(), "world": D.world_size(), "steps": summary["steps"], "losses": seen}
+D.cleanup()
+open(f"{out}/rank{info['rank']}.json", "w").write(json.dumps(info))
+"""
+
+
+def test_ddp_two_ranks_on_cpu_with_torchrun(synth, tmp_path):
+    import subprocess
+    import sys
+
+    url = synth[0]
+    (tmp_path / "ddp.py").write_text(DDP_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
+           str(tmp_path / "ddp.py"), url, str(tmp_path / "run"), str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    # 40 train rows sharded over 2 ranks: 20 each, batches of 8 -> 3 steps on every rank
+    assert [r["steps"] for r in ranks] == [3, 3]
+    assert ranks[0]["losses"] != ranks[1]["losses"]  # different shards of the data
+    run = RunDir(tmp_path / "run")
+    assert yaml.safe_load(run.config_path.read_text())["world_size"] == 2
+    assert [r["step"] for r in run.metrics() if "loss" in r] == [1, 2, 3]  # only rank 0 logs
+    assert run.load_checkpoint("last")["step"] == 3

@@ -3,14 +3,13 @@
 import json
 import re
 
-import numpy as np
 import pytest
 import torch
 
 from synth_store import make_synth_store
 from vlcache.stages.train.match_data import (
     entity_queries, load_split, read_entities_annotation, read_entities_sentences)
-from vlcache.stages.train.match_eval import evaluate_match, protocol_metrics
+from vlcache.stages.train.match_eval import evaluate_match, protocol_metrics, run_match_ablation
 from vlcache.stages.train.match_train import MatchTrainConfig, load_match_run, make_dataset, similarity, train_match
 from vlcache.storage.store import open_store
 
@@ -100,7 +99,7 @@ def test_entities_reader_on_the_published_format(tmp_path):
     assert sents[0]["sentence"] == "A man with pierced ears is wearing glasses ."
     assert [(p["phrase_id"], p["first_word"], p["words"], p["types"]) for p in sents[0]["phrases"]] == [
         ("18", 0, ["A", "man"], ["people"]), ("19", 3, ["pierced", "ears"], ["other"]),
-        ("20", 6, ["glasses"], ["bodyparts", "other"])]
+        ("20", 7, ["glasses"], ["bodyparts", "other"])]
     assert [p["phrase_id"] for p in sents[1]["phrases"]] == ["0", "21"]
     (tmp_path / "a.xml").write_text(
         "<annotation><filename>1.jpg</filename><size><width>500</width><height>333</height><depth>3</depth></size>"
@@ -127,7 +126,7 @@ def _write_entities(root, url, split="test"):
     (root / "Annotations").mkdir()
     expected = 0
     for row in store.rows(split):
-        stem = store.image_path(row).rsplit("/", 1)[-1].rsplit(".", 1)[0]
+        stem = str(store.backend.read("images/path", row)).rsplit("/", 1)[-1].rsplit(".", 1)[0]
         inst = store.instances(row)
         lines, objects = [], []
         for c in range(2):
@@ -143,8 +142,8 @@ def _write_entities(root, url, split="test"):
             objects.append(f"<object><name>{100 + lab}</name><bndbox><xmin>{int(x1) + 1}</xmin><ymin>{int(y1) + 1}"
                            f"</ymin><xmax>{int(x2)}</xmax><ymax>{int(y2)}</ymax></bndbox></object>")
         (root / "Sentences" / f"{stem}.txt").write_text("\n".join(lines) + "\n")
-        (root / "Annotations" / f"{stem}.xml").write_text(f"<annotation>{''.join(objects)}"
-                                                          "<object><name>7</name><scene>1</scene></object></annotation>")
+        scene = "<object><name>7</name><scene>1</scene></object>"
+        (root / "Annotations" / f"{stem}.xml").write_text(f"<annotation>{''.join(objects)}{scene}</annotation>")
     return expected
 
 
@@ -168,3 +167,22 @@ def test_entities_queries_and_metrics_on_the_synthetic_store(scan_run, synth, tm
     e = s["entities"]
     assert e["attn_words"] == expected and all(0 <= e[k] <= 1 for k in ("attn_precision", "attn_recall", "attn_f1"))
     assert "Flickr30k Entities" in (scan_run / "report.md").read_text()
+
+
+def test_match_ablation_writes_a_table_and_reuses_finished_runs(synth, tmp_path):
+    variants = {"baseline": {"ccr": 0.0, "ccs": 0.0}, "+CCR+CCS": {"ccr": 1.0, "ccs": 1.0}}
+    kw = dict(seeds=2, runs_root=tmp_path, name="abl", split="test", variants=variants, figures=0, options=TINY)
+    res = run_match_ablation(synth, "scan", **kw)
+    assert [(r["variant"], r["seed"]) for r in res["rows"]] == [
+        ("baseline", 0), ("baseline", 1), ("+CCR+CCS", 0), ("+CCR+CCS", 1)]
+    md = (tmp_path / "abl" / "ablation.md").read_text()
+    assert "Δ +CCR+CCS − baseline" in md and "±" in md and "Attn P" in md and "rsum" in md
+    saved = json.loads((tmp_path / "abl" / "ablation.json").read_text())
+    rsums = [r["rsum"] for r in res["rows"] if r["variant"] == "baseline"]
+    assert saved["summary"]["baseline"]["rsum"]["mean"] == pytest.approx(sum(rsums) / 2)
+    assert saved["summary"]["baseline"]["rsum"]["n"] == 2
+    assert (tmp_path / "abl" / "ccr-ccs-seed1" / "checkpoints" / "best.pt").is_file()
+    stamps = {p: p.stat().st_mtime for p in (tmp_path / "abl").glob("*/checkpoints/*.pt")}
+    again = run_match_ablation(synth, "scan", **kw)
+    assert again["rows"] == res["rows"]
+    assert {p: p.stat().st_mtime for p in stamps} == stamps  # nothing retrained

@@ -125,7 +125,7 @@ def slow(self, block, arrays):
     print("block", block, flush=True)
     time.sleep(0.4)
 StoreWriter.write_block = slow
-copy_store(sys.argv[1], sys.argv[2], progress=False)
+copy_store(sys.argv[1], sys.argv[2], progress=False, workers=2)
 print("finished", flush=True)
 """
 

@@ -10,7 +10,9 @@ from PIL import Image
 
 from vlcache.storage.errors import StoreError, StoreNotFoundError
 from vlcache.storage.masks import merged_grid_coverage, paste_masks
+from vlcache.storage.schema import Capacities, Layout
 from vlcache.storage.store import RowNotDoneError, Store, open_store
+from vlcache.storage.writer import StoreWriter
 
 torch.set_num_threads(2)
 
@@ -30,7 +32,7 @@ def test_metadata_and_index(tiny_store):
     t = tiny_store.truth
     assert isinstance(s, Store) and len(s) == 20
     assert s.classes == ["person", "dog", "teddy bear", "car", "cat"]
-    assert s.attrs["dataset"]["name"] == "tiny" and s.attrs["complete"] is True
+    assert s.attrs["dataset"] == "tiny" and s.attrs["complete"] is True
     assert list(s.ids) == list(t["images/id"])
     assert s.index_of("img007") == 7
     with pytest.raises(KeyError, match="no image with id 'nope'"):
@@ -173,10 +175,7 @@ def test_not_done_rows(tiny_store_factory):
 def test_missing_store_and_group(tmp_path, tiny_store_factory):
     with pytest.raises(StoreNotFoundError):
         open_store(tmp_path / "nothing.zarr")
-    from vlcache.storage.schema import Capacities  # a store without instances/matches groups
-    from vlcache.storage.writer import StoreWriter
-    from vlcache.storage.schema import Layout
-
+    # A store without the optional groups.
     lay = Layout(num_rows=4, block_size=4, capacities=Capacities(), groups=("images", "captions"))
     w = StoreWriter(str(tmp_path / "bare.zarr"), lay, {"classes": []})
     w.write_block(0, {"images/id": np.array(["a", "b", "c", "d"], dtype=object)})

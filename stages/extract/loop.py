@@ -41,6 +41,10 @@ class ExtractSummary:
     bad_images: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     complete: bool = False
     setup_seconds: float = 0.0  # building models and opening/creating the store, before the first image
+    # seconds by part of the loop: main thread waiting for decoded images (decode_wait), in the models
+    # (detector, backbone, post), building rows (rows), waiting for the writer (write_wait); the writer
+    # thread's busy time (writer, overlapped with the rest); finalize
+    timings: dict = field(default_factory=dict)
 
     @property
     def loop_seconds(self) -> float:
@@ -157,6 +161,7 @@ def extract(dataset: Dataset, url: str, cfg: ExtractConfig, *, overwrite: bool =
 
     write_queue: queue.Queue = queue.Queue(maxsize=2)
     write_error: list[BaseException] = []
+    timings = dict.fromkeys(("decode_wait", "rows", "write_wait", "writer", "finalize"), 0.0)
 
     def write_loop():
         while True:
@@ -165,7 +170,9 @@ def extract(dataset: Dataset, url: str, cfg: ExtractConfig, *, overwrite: bool =
                 return
             block, arrays = item
             try:
+                t = time.perf_counter()
                 writer.write_block(block, arrays)
+                timings["writer"] += time.perf_counter() - t
                 summary.blocks_written += 1
             except BaseException as e:  # surfaced in the main thread
                 write_error.append(e)
@@ -184,7 +191,10 @@ def extract(dataset: Dataset, url: str, cfg: ExtractConfig, *, overwrite: bool =
     bar = tqdm(total=len(rows), desc=f"extract r{rank}/{world_size}", unit="img", disable=not progress,
                dynamic_ncols=True)
     try:
+        t_prev = time.perf_counter()
         for batch in loader:
+            t_batch = time.perf_counter()
+            timings["decode_wait"] += t_batch - t_prev
             if write_error:
                 raise write_error[0]
             good = [(row, img) for row, img, err in batch if img is not None]
@@ -197,19 +207,30 @@ def extract(dataset: Dataset, url: str, cfg: ExtractConfig, *, overwrite: bool =
                     builder.add_error(row, err)
             if good:
                 outputs = models.run([img for _, img in good], [records[row] for row, _ in good])
+                t_rows = time.perf_counter()
                 for (row, img), out in zip(good, outputs):
                     builder.add(row, img.shape[:2], out)
+                timings["rows"] += time.perf_counter() - t_rows
+            t_put = time.perf_counter()
             for block, arrays in builder.pop_finished_blocks():
                 _put(write_queue, (block, arrays), write_error)
+            timings["write_wait"] += time.perf_counter() - t_put
             summary.images_done += len(good)
             bar.update(len(batch))
+            t_prev = time.perf_counter()
+        timings["decode_wait"] += time.perf_counter() - t_prev  # the end of the epoch: workers shut down
     finally:
         bar.close()
+        t_drain = time.perf_counter()
         _stop_writer(write_queue, thread)  # blocks already queued are whole: they are still written
+        timings["write_wait"] += time.perf_counter() - t_drain
     if write_error:
         raise write_error[0]
+    t_fin = time.perf_counter()
     summary.complete = writer.finalize()
     writer.close()
+    timings["finalize"] = time.perf_counter() - t_fin
+    summary.timings = {**timings, **models.seconds}
     summary.seconds = time.perf_counter() - start
     return summary
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,8 @@ class ExtractionModels:
     matcher: ClassWordMatcher | None
     class_names: list[str]
     class_words_source: str
+    # host wall seconds spent in run(), by part: detector, backbone (ResNet C5), post (pooling, regions)
+    seconds: dict = field(default_factory=lambda: {"detector": 0.0, "backbone": 0.0, "post": 0.0})
 
     @property
     def dims(self) -> dict:
@@ -41,16 +44,23 @@ class ExtractionModels:
         groups, f = set(self.cfg.groups), self.cfg.features
         outs = [RowOutput() for _ in images]
         dets: list[Detections] | None = None
+        t0 = time.perf_counter()
         if self.detector is not None:
             dets = self.detector.detect(images, records=records)
+            self.seconds["detector"] += time.perf_counter() - t0
             if "instances" in groups:
                 for out, d in zip(outs, dets):
                     out.inst_boxes, out.inst_labels, out.inst_scores, out.inst_masks = d.boxes, d.labels, d.scores, d.masks
         if self.extractor is None:
             return outs
         device = self.extractor.mean.device
+        t1 = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.float16, enabled=self.cfg.runtime.amp and device.type == "cuda"):
             c5 = self.extractor(self.extractor.prepare(images)).float()
+        if c5.is_cuda:
+            torch.cuda.synchronize(c5.device)  # so the split between backbone and post is honest
+        t2 = time.perf_counter()
+        self.seconds["backbone"] += t2 - t1
         if "grid" in groups:
             grid = grid_features(c5, f.grid_size)
             for k, (out, rec) in enumerate(zip(outs, records)):
@@ -64,6 +74,7 @@ class ExtractionModels:
             for out, (b, l, s), x, rec in zip(outs, chosen, feats, records):
                 out.reg_boxes, out.reg_labels, out.reg_scores = b, l, s
                 out.reg_feats = to_float16_checked(x, f"region features of image {rec.id} ({rec.path})")
+        self.seconds["post"] += time.perf_counter() - t2
         return outs
 
 

@@ -227,6 +227,8 @@ def train_caption(cfg: CaptionTrainConfig, run_dir, resume: bool = True, progres
         if main:  # records logged after the checkpoint by a process that died are dropped
             keep = iter(range(int(last["metric_records"])))
             run.truncate_metrics(lambda r: next(keep, None) is not None)
+    elif main:  # no checkpoint: records of an attempt that died before its first checkpoint do not count
+        run.truncate_metrics(lambda r: False)
     logged = len(run.metrics()) if main else 0
 
     def log(**record):

@@ -4,7 +4,8 @@ A batch is a dict of tensors built in the DataLoader worker from one :class:`Sto
 
 - images ``B``: ``rows``, ``regions (B, R, D)`` float16, ``region_mask (B, R)``, ``region_boxes``, ``hw``;
 - texts ``P``: ``txt_img (P,)`` (which image of the batch), ``caption (P,)`` (caption index in its row),
-  ``texts`` (raw captions), ``token_texts`` (their space-joined Karpathy tokens); SCAN: ``tokens (P, T)``, ``lengths (P,)`` (vocabulary ids, ``<start>`` ..
+  ``texts`` (raw captions), ``token_texts`` (their space-joined Karpathy tokens); SCAN: ``tokens (P, T)``,
+  ``lengths (P,)`` (vocabulary ids, ``<start>`` ..
   ``<end>``, so Karpathy token k sits at position k + 1); MMCA: ``words (P, L, H)`` cached BERT outputs,
   ``word_mask``, ``offsets`` (absent when no cache is given: the training loop then runs BERT online
   and calls :func:`resolve_positions` itself);
@@ -452,7 +453,8 @@ def entity_queries(entities_dir, url, data: dict, kind: str) -> dict:
                 ce = spans[b - 1][1] if spans[b - 1] and cs >= 0 else -1
                 txt.append(t), tok.append((a, b)), char.append((cs, ce)), ref.append(r)
     q = {k: data[k] for k in TEXT_KEYS if k in data}
-    q.update(match_txt=torch.tensor(txt, dtype=torch.long), match_tok=torch.tensor(tok, dtype=torch.long).reshape(-1, 2),
+    q.update(match_txt=torch.tensor(txt, dtype=torch.long),
+             match_tok=torch.tensor(tok, dtype=torch.long).reshape(-1, 2),
              match_char=torch.tensor(char, dtype=torch.long).reshape(-1, 2),
              match_ref=torch.stack(ref) if ref else torch.zeros(0, data["region_mask"].shape[1], dtype=torch.bool))
     resolve_positions(q, kind)

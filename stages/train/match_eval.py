@@ -154,12 +154,12 @@ def attention_figure(image: np.ndarray, boxes: np.ndarray, weights: np.ndarray, 
 
     h, w = image.shape[:2]
     fig = Figure(figsize=(4.2, 4.2 * h / w + 0.8), dpi=100)
-    ax = fig.add_axes((0.02, 0.02, 0.96, 0.96 * (4.2 * h / w) / (4.2 * h / w + 0.8)))
+    ax = fig.add_subplot(1, 1, 1)
     ax.imshow(image)
     wmax = max(float(weights.max()), 1e-12)
-    for j in np.argsort(-weights)[:top]:
+    for j in np.argsort(weights)[-top:]:  # strongest drawn last, on top
         x1, y1, x2, y2 = boxes[j]
-        a = 0.6 * float(weights[j]) / wmax
+        a = 0.45 * float(weights[j]) / wmax
         ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, facecolor=(1, 0.2, 0.1, a), edgecolor=(1, 0.2, 0.1, 1),
                                lw=1.2))
         ax.text(x1 + 1, y1 + 1, f"{weights[j]:.2f}", fontsize=7, color="white", va="top",
@@ -170,7 +170,8 @@ def attention_figure(image: np.ndarray, boxes: np.ndarray, weights: np.ndarray, 
     ax.set_xlim(0, w)
     ax.set_ylim(h, 0)
     ax.set_axis_off()
-    fig.suptitle(title, fontsize=8)
+    ax.set_title(title, fontsize=8)
+    fig.tight_layout()
     return fig
 
 
@@ -226,18 +227,20 @@ def write_report(run: RunDir, scores: dict, config: dict, figures: list[Path]) -
             if ret["protocol"] == "coco" else [f"| whole split (Flickr 1K protocol) | {_recall_rows(ret['full'])} |"])
     lines = [f"# Matching evaluation: {run.path.name}", "",
              f"Model **{scores['model']}**, split **{scores['split']}**: {scores['n_images']} images, "
-             f"{scores['n_captions']} captions; checkpoint `{scores['checkpoint']}` (epoch {scores['epoch']}, "
+             f"{scores['n_captions']} captions; checkpoint `{scores['checkpoint']}` (after {scores['epoch']} epochs, "
              f"step {scores['step']}).", "", head, *rows, "",
              f"Exact scoring: {scores['scoring_seconds']} s, {scores['pairs_per_second']} pairs/s.", ""]
     if "rerank" in scores:
         rr = scores["rerank"]
         lines += [f"## Shortlist-and-rerank (top {rr['top_k']} by i0·c0, METHODS §4)", "", head,
-                  *([f"| rerank 1K | {_recall_rows(rr['metrics']['1k'])} |", f"| rerank 5K | {_recall_rows(rr['metrics']['5k'])} |"]
-                    if rr["metrics"]["protocol"] == "coco" else [f"| rerank | {_recall_rows(rr['metrics']['full'])} |"]),
+                  *([f"| rerank 1K | {_recall_rows(rr['metrics']['1k'])} |",
+                     f"| rerank 5K | {_recall_rows(rr['metrics']['5k'])} |"] if rr["metrics"]["protocol"] == "coco"
+                    else [f"| rerank | {_recall_rows(rr['metrics']['full'])} |"]),
                   "", f"{rr['cross_passes']} cross passes instead of {rr['exact_cross_passes']}, {rr['seconds']} s "
                   f"(×{rr['speedup']} faster); largest |rerank − exact| over recalls and rsum: "
                   f"{_fmt(rr['vs_exact']['max_abs_diff'])} points.", ""]
-    lines += ["## Attention (METHODS §8)", "", "| reference | precision | recall | F1 | words |", "|---|---|---|---|---|",
+    lines += ["## Attention (METHODS §8)", "", "| reference | precision | recall | F1 | words |",
+              "|---|---|---|---|---|",
               f"| pseudo (merged masks) | {_fmt(scores['attn_precision'])} | {_fmt(scores['attn_recall'])} | "
               f"{_fmt(scores['attn_f1'])} | {scores['attn_words']} |"]
     if "entities" in scores:

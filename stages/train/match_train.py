@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -40,7 +38,7 @@ from ...pipeline.config import from_dict, to_dict
 from ...pipeline.runs import RunDir, plot_curves
 from ...storage.backends import open_backend
 from .caption_data import split_rows, store_fingerprint, train_tokens
-from .distributed import barrier, init_distributed, is_main, resolve_device, unwrap, wrap_model
+from .distributed import barrier, broadcast_object, init_distributed, is_main, resolve_device, wrap_model
 from .losses import ccr_loss, ccs_loss, hardest_negative_triplet, lovasz_hinge
 from .match_data import MatchDataset, load_split, match_loader, resolve_positions
 from .mmca import MMCA
@@ -192,7 +190,8 @@ def word_views(out: dict, batch: dict) -> dict:
     m, pos = batch["match_txt"], batch["match_pos"].to(out["query"].dtype)
     vm = out["value_mask"][m]
     scores = torch.einsum("nl,nlr->nr", pos, out["scores"][m].masked_fill(~vm[:, None, :], 0.0))
-    return {"q": torch.einsum("nl,nld->nd", pos, out["query"][m]), "w": torch.einsum("nl,nlr->nr", pos, out["weights"][m]),
+    return {"q": torch.einsum("nl,nld->nd", pos, out["query"][m]),
+            "w": torch.einsum("nl,nlr->nr", pos, out["weights"][m]),
             "values": out["values"][m], "value_mask": vm, "scores": scores.masked_fill(~vm, PAD_SCORE)}
 
 
@@ -248,7 +247,8 @@ def region_stats(store: str, rows: np.ndarray, max_rows: int = 2048) -> tuple[to
         for s in range(0, len(rows), 256):
             part = rows[s:s + 256]
             feats = torch.from_numpy(np.asarray(be.read("regions/feats", part))).double()
-            valid = torch.arange(feats.shape[1])[None] < torch.from_numpy(np.asarray(be.read("regions/count", part)))[:, None]
+            count = torch.from_numpy(np.asarray(be.read("regions/count", part)))
+            valid = torch.arange(feats.shape[1])[None] < count[:, None]
             f = feats[valid]
             s1 = f.sum(0) if s1 is None else s1 + f.sum(0)
             s2 = f.pow(2).sum(0) if s2 is None else s2 + f.pow(2).sum(0)
@@ -338,18 +338,19 @@ def train_match(cfg: MatchTrainConfig, run_dir, resume: bool = True) -> dict:
     run = RunDir(run_dir)
     info = init_distributed(resolve_device(cfg.device))
     device = resolve_device(cfg.device, info.local_rank)
-    state = run.load_checkpoint("last") if run.exists() else None
-    if run.exists() and not resume:
+    existed = broadcast_object(run.exists())  # rank 0's view, before anything is written
+    if existed and not resume:
         raise FileExistsError(f"run {run.path} exists; resume it or choose a new run directory")
-    if run.exists():
+    if existed:
         _check_resume(run, cfg)
+    state = run.load_checkpoint("last") if existed else None
     torch.manual_seed(cfg.seed)
     with open_backend(cfg.store, "r") as be:
         region_dim = be.layout.capacities.region_dim
     encoder = TextEncoder(cfg.bert, cfg.text_len, device) if cfg.model == "mmca" and not cfg.text_cache else None
     vocab = None
     if cfg.model == "scan":
-        vocab = Vocab.from_dict(json.loads((run.path / "vocab.json").read_text())) if run.exists() else build_vocab(cfg)
+        vocab = Vocab.from_dict(json.loads((run.path / "vocab.json").read_text())) if existed else build_vocab(cfg)
     args = model_args(cfg, region_dim, len(vocab) if vocab else 0, text_dim(cfg, encoder) if cfg.model == "mmca" else 0)
     net = MatchNet(**args)
     if cfg.region_norm:
@@ -357,8 +358,8 @@ def train_match(cfg: MatchTrainConfig, run_dir, resume: bool = True) -> dict:
     net = net.to(device)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)  # CCS derangements
-    labels = cfg.ccr > 0 or cfg.ccs > 0 or cfg.ica > 0
-    train_ds = make_dataset(cfg, cfg.train_split, vocab, cfg.captions, labels)
+    attention = cfg.ccr > 0 or cfg.ccs > 0 or cfg.ica > 0
+    train_ds = make_dataset(cfg, cfg.train_split, vocab, cfg.captions, labels=cfg.ica > 0)  # region labels: ICA only
     loader, sampler = match_loader(train_ds, cfg.batch_size, seed=cfg.seed, window_blocks=cfg.window_blocks,
                                    rank=info.rank, world_size=info.world_size, drop_last=info.world_size > 1,
                                    num_workers=cfg.num_workers)
@@ -376,14 +377,14 @@ def train_match(cfg: MatchTrainConfig, run_dir, resume: bool = True) -> dict:
         best = {"rsum": float(state["best_rsum"]), "epoch": int(state["best_epoch"])}
         if is_main():
             run.truncate_metrics(lambda r: r.get("step", 0) <= step)
+    elif existed and is_main():
+        run.truncate_metrics(lambda r: False)  # killed before its first checkpoint: start over
     elif is_main():
-        if run.metrics_path.is_file():
-            run.truncate_metrics(lambda r: False)  # a run killed before its first checkpoint starts over
         run.create()
+        if vocab is not None:  # before config.yaml, which marks the run as existing
+            (run.path / "vocab.json").write_text(json.dumps(vocab.to_dict()))
         run.write_config({**to_dict(cfg), "store_fingerprint": store_fingerprint(cfg.store),
                           "model_args": args, "region_dim": region_dim})
-        if vocab is not None:
-            (run.path / "vocab.json").write_text(json.dumps(vocab.to_dict()))
     model = wrap_model(net, device)
 
     def save(name: str, **extra):
@@ -403,7 +404,7 @@ def train_match(cfg: MatchTrainConfig, run_dir, resume: bool = True) -> dict:
         net.train()
         for batch in loader:
             batch = to_device(encoder(batch) if encoder else batch, device)
-            res = match_losses(model(batch, attention=labels), batch, cfg, gen)
+            res = match_losses(model(batch, attention=attention), batch, cfg, gen)
             opt.zero_grad(set_to_none=True)
             res["loss"].backward()
             if cfg.grad_clip > 0:
