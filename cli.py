@@ -22,8 +22,17 @@ app = typer.Typer(
 )
 datasets_app = typer.Typer(help="Datasets: generate the built-in synthetic dataset.", no_args_is_help=True)
 store_app = typer.Typer(help="Inspect, verify, import, copy and compare stores.", no_args_is_help=True)
+train_app = typer.Typer(help="Stage two: train models by streaming a store.", no_args_is_help=True)
+evaluate_app = typer.Typer(help="Evaluate a run directory on a split.", no_args_is_help=True)
+experiment_app = typer.Typer(help="Ablations over seeds, with mean ± std tables.", no_args_is_help=True)
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(store_app, name="store")
+app.add_typer(train_app, name="train")
+app.add_typer(evaluate_app, name="evaluate")
+app.add_typer(experiment_app, name="experiment")
+
+CONFIG_HELP = "YAML config file (precedence: defaults < file < options < --set)."
+SET_HELP = "Override any config key: key=value (parsed as YAML)."
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -152,6 +161,152 @@ def extract_cmd(
     except (ConfigError, DatasetError, StoreError, StrictModeError, ValueError) as e:
         _fail(str(e))
     typer.echo(summary.describe())
+
+
+def _run_guarded(fn, *args, **kwargs):
+    """Call library code; turn the errors users can fix into one clear line and exit code 1."""
+    from .pipeline.config import ConfigError
+    from .storage.errors import StoreError
+
+    try:
+        return fn(*args, **kwargs)
+    except (ConfigError, StoreError, ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+
+
+@store_app.command("text-cache")
+def store_text_cache(
+    store: str = typer.Option(..., help="The main store (complete)."),
+    out: str = typer.Option(..., help="Where to write the text cache store (row-aligned to the main one)."),
+    bert: Optional[str] = typer.Option(None, help="BERT name or local dir (default: bundled all-MiniLM-L6-v2)."),
+    max_len: int = typer.Option(32, help="Subword tokens per caption."),
+    device: str = typer.Option("cpu", help="cpu | cuda."),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+):
+    """Precompute the frozen BERT's token outputs for every caption once (MMCA/SLAN train from it)."""
+    from .stages.train.text_cache import build_text_cache
+
+    res = _run_guarded(build_text_cache, store, out, bert=bert, max_len=max_len, device=device,
+                       overwrite=overwrite, progress=True)
+    typer.echo(f"text cache {res['url']}: {res['blocks_written']} blocks written, complete={res['complete']}")
+
+
+@train_app.command("caption")
+def train_caption_cmd(
+    store: Optional[str] = typer.Option(None, help="Store URL or path."),
+    run: Path = typer.Option(..., help="Run directory (created, or resumed)."),
+    config: Optional[Path] = typer.Option(None, help=CONFIG_HELP),
+    ica_weight: Optional[float] = typer.Option(None, help="ICA loss weight lambda_aux (0 = baseline)."),
+    epochs: Optional[int] = typer.Option(None),
+    batch_images: Optional[int] = typer.Option(None, help="Images per step (all their captions are samples)."),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda."),
+    num_workers: Optional[int] = typer.Option(None),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+):
+    """Show-Attend-Tell (+ ICA loss) on the store's grid features; resumes from RUN if it exists."""
+    from .pipeline.config import load_config
+    from .stages.train.caption_train import CaptionTrainConfig, train_caption
+
+    opts = {"store": store, "ica_weight": ica_weight, "epochs": epochs, "batch_images": batch_images,
+            "device": device, "num_workers": num_workers}
+    cfg = _run_guarded(load_config, CaptionTrainConfig, config, opts, set_)
+    summary = _run_guarded(train_caption, cfg, run)
+    typer.echo(json.dumps(summary, indent=2, default=str))
+
+
+@evaluate_app.command("caption")
+def evaluate_caption_cmd(
+    run: Path = typer.Option(..., help="Run directory."),
+    split: str = typer.Option("test"),
+    beam_size: Optional[int] = typer.Option(None),
+    max_images: Optional[int] = typer.Option(None),
+    figures: int = typer.Option(8, help="Attention figures to draw."),
+):
+    """Beam search + pycocoevalcap (BLEU, METEOR, ROUGE-L, CIDEr; SPICE if its jars exist) + attention metrics."""
+    from .stages.train.caption_eval import evaluate_caption
+
+    scores = _run_guarded(evaluate_caption, run, split, beam_size=beam_size, max_images=max_images,
+                          figures=figures, progress=True)
+    typer.echo(json.dumps(scores, indent=2, default=str))
+    typer.echo(f"report: {run / 'report.md'}")
+
+
+@experiment_app.command("ica")
+def experiment_ica_cmd(
+    store: str = typer.Option(...),
+    seeds: int = typer.Option(3),
+    name: str = typer.Option("ica", help="Runs go to RUNS_ROOT/NAME/."),
+    runs_root: Path = typer.Option(Path("runs")),
+    config: Optional[Path] = typer.Option(None, help=CONFIG_HELP),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+):
+    """Baseline vs +ICA captioning with the same seeds; table of mean ± std (seed 000, Table 1)."""
+    from .stages.train.experiment import run_ica_experiment
+
+    res = _run_guarded(run_ica_experiment, store, seeds, name=name, runs_root=runs_root, config_file=config,
+                       overrides=set_)
+    typer.echo(res.get("table", ""))
+
+
+@train_app.command("match")
+def train_match_cmd(
+    model: str = typer.Option("scan", help="scan | mmca | slan."),
+    store: Optional[str] = typer.Option(None, help="Store URL or path."),
+    run: Path = typer.Option(..., help="Run directory (created, or resumed)."),
+    text_cache: Optional[str] = typer.Option(None, help="Text cache store (MMCA/SLAN)."),
+    ccr: Optional[float] = typer.Option(None, help="CCR constraint weight."),
+    ccs: Optional[float] = typer.Option(None, help="CCS constraint weight."),
+    ica: Optional[float] = typer.Option(None, help="ICA (Lovász) attention loss weight."),
+    epochs: Optional[int] = typer.Option(None),
+    batch_size: Optional[int] = typer.Option(None),
+    device: Optional[str] = typer.Option(None),
+    config: Optional[Path] = typer.Option(None, help=CONFIG_HELP),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+):
+    """Image-text matching (SCAN, MMCA, SLAN) with optional CCR/CCS/ICA attention terms."""
+    from .pipeline.config import load_config
+    from .stages.train.match_train import MatchTrainConfig, train_match
+
+    opts = {"model": model, "store": store, "text_cache": text_cache, "ccr": ccr, "ccs": ccs, "ica": ica,
+            "epochs": epochs, "batch_size": batch_size, "device": device}
+    cfg = _run_guarded(load_config, MatchTrainConfig, config, opts, set_)
+    summary = _run_guarded(train_match, cfg, run)
+    typer.echo(json.dumps(summary, indent=2, default=str))
+
+
+@evaluate_app.command("match")
+def evaluate_match_cmd(
+    run: Path = typer.Option(..., help="Run directory."),
+    split: str = typer.Option("test"),
+    rerank_top: Optional[int] = typer.Option(None, help="MMCA: shortlist by i0·c0, rerank the top K exactly."),
+    entities: Optional[Path] = typer.Option(None, help="Flickr30k Entities directory (Annotations/, Sentences/)."),
+    figures: int = typer.Option(6),
+):
+    """R@1/5/10 both ways, rsum (COCO 1K/5K, Flickr 1K), attention P/R/F1, figures, report.md."""
+    from .stages.train.match_eval import evaluate_match
+
+    scores = _run_guarded(evaluate_match, run, split, rerank_top=rerank_top, entities=entities, figures=figures)
+    typer.echo(json.dumps(scores, indent=2, default=str))
+    typer.echo(f"report: {run / 'report.md'}")
+
+
+@experiment_app.command("match")
+def experiment_match_cmd(
+    store: str = typer.Option(...),
+    model: str = typer.Option("scan"),
+    seeds: int = typer.Option(3),
+    name: Optional[str] = typer.Option(None),
+    runs_root: Path = typer.Option(Path("runs")),
+    weight: Optional[float] = typer.Option(None, help="Weight of each constraint (default 1.0)."),
+    config: Optional[Path] = typer.Option(None, help=CONFIG_HELP),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+):
+    """Baseline, +CCR, +CCS, +CCR+CCS, +ICA with the same seeds; table of R@K and attention metrics."""
+    from .stages.train.match_eval import run_match_ablation
+
+    res = _run_guarded(run_match_ablation, store, model, seeds, name=name, runs_root=runs_root,
+                       config_file=config, overrides=set_, weight=weight)
+    typer.echo(res.get("table", "") if isinstance(res, dict) else str(res))
 
 
 @app.command("demo")

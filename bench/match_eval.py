@@ -118,9 +118,11 @@ def sampled(model: MMCA, enc, data: dict, n_q: int, n_tq: int, topks: list[int],
         short_t = [base[:, q].topk(k).indices for q in q_txt.tolist()]
         img_idx = torch.cat([torch.full((k,), q) for q in q_img.tolist()] + short_t)
         txt_idx = torch.cat(short_i + [torch.full((k,), q) for q in q_txt.tolist()])
-        t0 = time.time()
-        scores = model.score_pairs(enc, img_idx, txt_idx, block).cpu().split(k)
-        t_rr[k] = time.time() - t0
+        t_rr[k] = float("inf")
+        for _ in range(3):  # best of 3: one batched call is short, and the machine may be shared
+            t0 = time.time()
+            scores = model.score_pairs(enc, img_idx, txt_idx, block).cpu().split(k)
+            t_rr[k] = min(t_rr[k], time.time() - t0)
         ranks[k] = ([_rank_row(_reranked(base[q], sc, sh), o)
                      for q, sc, sh, o in zip(q_img.tolist(), scores, short_i, own_i)],
                     [_rank_row(_reranked(base[:, q], sc, sh), o)

@@ -2,9 +2,10 @@
 
 ``fingerprint = sha256(canonical JSON of format, schema_version, layout, config, classes
                         + for each schema array, in schema order: path + sha256(sha256 of each block's rows))``
-shortened to 16 hex digits (block digests make it computable in any block order, e.g. while copying). Rows are hashed *decoded*, in a canonical form (numbers little-endian in the
-schema dtype; strings as UTF-8 with a length prefix), so a Zarr store and its HDF5 copy — different
-codecs, different chunk bytes — have the same fingerprint. Rows that are not done are hashed as padding
+shortened to 16 hex digits (block digests make it computable in any block order, e.g. while copying).
+Rows are hashed *decoded*, in a canonical form (numbers little-endian in the schema dtype; strings as
+UTF-8 with a length prefix), so a Zarr store and its HDF5 copy — different codecs, different chunk
+bytes — have the same fingerprint. Rows that are not done are hashed as padding
 (an interrupted write may have left anything there), and ``images/done`` itself is hashed, so a partial
 store differs from its finished self.
 

@@ -141,7 +141,8 @@ def missing_hdf5_message(url: str) -> str:
             progress = f"{n}/{lay.num_blocks} blocks done"
         except StoreError as e:
             progress = f"staging store unreadable: {e}"
-        return f"HDF5 store {url} is still being written ({progress} in {staging}); it appears when the writer finalizes"
+        return (f"HDF5 store {url} is still being written ({progress} in {staging}); "
+                "it appears when the writer finalizes")
     return f"no vlcache store at {url} (no such file)"
 
 

@@ -149,7 +149,8 @@ def info(url, storage_options: dict | None = None) -> dict:
             "schema_version": attrs.get("schema_version"),
             "store_id": attrs.get("store_id"),
             # recorded at finalize; computed (one full read) for a complete store written before fingerprints
-            "fingerprint": attrs.get("fingerprint") or (_computed_fingerprint(backend) if attrs.get("complete") else None),
+            "fingerprint": attrs.get("fingerprint")
+            or (_computed_fingerprint(backend) if attrs.get("complete") else None),
             "dataset": attrs.get("dataset"),
             "created": attrs.get("created"),
             "software": attrs.get("software"),

@@ -245,7 +245,6 @@ cfg = CaptionTrainConfig(store=url, epochs=1, batch_images=8, embed_dim=16, attn
                          device="cpu", val_max_images=1, beam_size=1, max_len=8, log_every=1)
 seen = []
 summary = train_caption(cfg, run, progress=False, on_step=lambda s, t: seen.append(t["loss"]))
-import vlcache.stages.train.caption_train as ct
 info = {"rank": D.rank(), "world": D.world_size(), "steps": summary["steps"], "losses": seen}
 D.cleanup()
 open(f"{out}/rank{info['rank']}.json", "w").write(json.dumps(info))
@@ -253,15 +252,23 @@ open(f"{out}/rank{info['rank']}.json", "w").write(json.dumps(info))
 
 
 def test_ddp_two_ranks_on_cpu_with_torchrun(synth, tmp_path):
+    import os
+    import signal
     import subprocess
     import sys
 
     url = synth[0]
     (tmp_path / "ddp.py").write_text(DDP_SCRIPT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(tmp_path / "ddp.py"), url, str(tmp_path / "run"), str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:  # a hung rank: end the whole launcher group, never leave workers behind
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, err[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2]
     # 40 train rows sharded over 2 ranks: 20 each, batches of 8 -> 3 steps on every rank
@@ -271,3 +278,20 @@ def test_ddp_two_ranks_on_cpu_with_torchrun(synth, tmp_path):
     assert yaml.safe_load(run.config_path.read_text())["world_size"] == 2
     assert [r["step"] for r in run.metrics() if "loss" in r] == [1, 2, 3]  # only rank 0 logs
     assert run.load_checkpoint("last")["step"] == 3
+
+
+def test_distributed_helpers_without_torchrun(monkeypatch):
+    from vlcache.stages.train import distributed as D
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    info = D.init_distributed("cpu")
+    assert (info.rank, info.world_size, info.backend, info.is_main, info.distributed) == (0, 1, None, True, False)
+    model = torch.nn.Linear(2, 2)
+    assert D.wrap_model(model, torch.device("cpu")) is model and D.unwrap(model) is model
+    assert D.broadcast_object({"stop": True}) == {"stop": True} and D.is_main() and D.world_size() == 1
+    assert torch.equal(D.all_reduce_mean(torch.tensor([1.0, 3.0])), torch.tensor([1.0, 3.0]))
+    assert D.resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ValueError, match="WORLD_SIZE='two'"):
+        D.init_distributed("cpu")

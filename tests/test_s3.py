@@ -111,8 +111,8 @@ def test_push_open_elsewhere_inspect_pull_back(s3, pushed, tmp_path):
 
     # A teammate's process opens it by URL, credentials and endpoint from its environment, and draws it.
     png = tmp_path / "img003.png"
-    out = subprocess.run([sys.executable, "-c", _INSPECT, url, str(png), str(a.image_root)], env=env_with_credentials(s3),
-                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    out = subprocess.run([sys.executable, "-c", _INSPECT, url, str(png), str(a.image_root)],
+                         env=env_with_credentials(s3), capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     seen = json.loads(out.stdout.strip().splitlines()[-1])
     t = a.truth
@@ -159,7 +159,8 @@ def test_hdf5_file_on_object_storage(s3, pushed):
 
 def test_missing_urls_and_missing_credentials(s3, pushed, tmp_path, monkeypatch):
     a, url = pushed.local, pushed.url
-    store_id = json.loads(s3fs.S3FileSystem(**s3.options).cat(f"{BUCKET}/team/tiny.zarr/zarr.json"))["attributes"]["store_id"]
+    fs = s3fs.S3FileSystem(**s3.options)
+    store_id = json.loads(fs.cat(f"{BUCKET}/team/tiny.zarr/zarr.json"))["attributes"]["store_id"]
     with pytest.raises(StoreNotFoundError, match=f"no vlcache store at s3://{BUCKET}/nothing.zarr"):
         open_backend(f"s3://{BUCKET}/nothing.zarr", "r", s3.options)
     with pytest.raises(StoreNotFoundError, match="no vlcache store at s3://no-such-bucket/x.zarr"):
@@ -184,7 +185,6 @@ def test_missing_urls_and_missing_credentials(s3, pushed, tmp_path, monkeypatch)
         assert "\n" not in str(e.value) and e.value.__cause__ is None
     # Both sides as they were: nothing pulled, nothing pushed, the source untouched.
     assert not (tmp_path / "pulled.zarr").exists()
-    fs = s3fs.S3FileSystem(**s3.options)
     assert not fs.exists(f"{BUCKET}/team/new.zarr")
     assert json.loads(fs.cat(f"{BUCKET}/team/tiny.zarr/zarr.json"))["attributes"]["store_id"] == store_id
     assert attrs_complete(a.url)

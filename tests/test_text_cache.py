@@ -10,7 +10,6 @@ from vlcache.stages.train.text_cache import build_text_cache, check_text_cache
 from vlcache.stages.train.text_encoders import DEFAULT_BERT, char_span_to_token_mask, encode_tokens, load_bert
 from vlcache.storage.backends import open_backend
 from vlcache.storage.errors import ConfigMismatchError, StoreError
-from vlcache.storage.writer import StoreWriter
 
 torch.set_num_threads(2)
 
@@ -29,7 +28,7 @@ def test_round_trip_rows_aligned_and_offsets_map_matches(tiny_store_factory, tmp
     tiny = tiny_store_factory("main.zarr", n=20, block_size=8)
     out = str(tmp_path / "text.zarr")
     res = build_text_cache(tiny.url, out, max_len=24, batch_size=16)
-    assert res["complete"] and res["blocks_written"] == 3 and res["pending"] == []
+    assert res["complete"] and res["blocks_written"] == 3
     arrays, attrs, layout = _read_all(out)
     # Same rows and blocks; images/* and captions/* copied verbatim.
     assert layout.num_rows == 20 and layout.block_size == 8 and layout.groups == ("images", "captions", "text")
@@ -69,23 +68,27 @@ def test_round_trip_rows_aligned_and_offsets_map_matches(tiny_store_factory, tmp
     assert n_checked > 20
 
 
-def test_resumes_blocks_the_main_store_finishes_later(tiny_store_factory, tmp_path):
-    tiny = tiny_store_factory("partial.zarr", n=20, block_size=8, blocks=[0], finalize=False)
+def test_ranks_share_the_work_and_a_rerun_resumes(tiny_store_factory, tmp_path):
+    tiny = tiny_store_factory("main.zarr", n=20, block_size=8)
     out = str(tmp_path / "text.zarr")
-    first = build_text_cache(tiny.url, out, max_len=16)
-    assert first == {"url": out, "blocks_written": 1, "pending": [1, 2], "complete": False}
+    first = build_text_cache(tiny.url, out, max_len=16, rank=0, world_size=2)  # blocks 0 and 2
+    assert first == {"url": out, "blocks_written": 2, "complete": False}
     with open_backend(out, "r") as be:
-        assert np.asarray(be.read("images/done", slice(None))).tolist() == [1] * 8 + [0] * 12
-    writer = StoreWriter(tiny.url)  # extraction finishes the main store
-    for b in (1, 2):
-        rows = slice(b * 8, min(b * 8 + 8, 20))
-        writer.write_block(b, {p: tiny.truth[p][rows] for p in tiny.truth if p != "images/done"})
-    assert writer.finalize()
-    second = build_text_cache(tiny.url, out, max_len=16)
-    assert second["blocks_written"] == 2 and second["complete"]  # block 0 was not redone
+        assert np.asarray(be.read("images/done", slice(None))).tolist() == [1] * 8 + [0] * 8 + [1] * 4
+    assert build_text_cache(tiny.url, out, max_len=16, rank=0, world_size=2)["blocks_written"] == 0  # nothing redone
+    second = build_text_cache(tiny.url, out, max_len=16, rank=1, world_size=2)
+    assert second["blocks_written"] == 1 and second["complete"]
+    arrays, attrs, _ = _read_all(out)
+    assert attrs["complete"] and np.array_equal(arrays["captions/text"], tiny.truth["captions/text"])
     # Same BERT settings only: a different max_len is a different cache.
     with pytest.raises(ConfigMismatchError, match="max_len"):
         build_text_cache(tiny.url, out, max_len=20)
+
+
+def test_needs_a_complete_store(tiny_store_factory, tmp_path):
+    partial = tiny_store_factory("partial.zarr", n=20, block_size=8, blocks=[0], finalize=False)
+    with pytest.raises(StoreError, match="not complete .8 of 20 rows"):
+        build_text_cache(partial.url, str(tmp_path / "text.zarr"))
 
 
 def test_cache_of_another_store_is_refused(tiny_store_factory, tmp_path):

@@ -194,6 +194,7 @@ def attention_figure(image: np.ndarray, panels: list[dict], caption: str, title:
     it (jet, translucent), and the word's merged mask outlined in white.
 
     ``panels``: dicts with ``word``, ``alpha`` (G, G), ``mask`` (H, W) bool, ``correctness`` float.
+    Colours span each map's own [min, max]; the panel title gives those values and the uniform level.
     """
     import textwrap
 
@@ -206,15 +207,17 @@ def attention_figure(image: np.ndarray, panels: list[dict], caption: str, title:
         ax = fig.add_subplot(1, n, j + 1)
         ax.imshow(image)
         alpha = np.asarray(p["alpha"], dtype=np.float32)
-        ax.imshow(alpha / max(float(alpha.max()), 1e-12), cmap="jet", alpha=0.45, extent=(0, w, h, 0),
+        span = float(alpha.max() - alpha.min())
+        ax.imshow((alpha - alpha.min()) / max(span, 1e-12), cmap="jet", alpha=0.45, extent=(0, w, h, 0),
                   interpolation="bilinear", vmin=0, vmax=1)
         if np.asarray(p["mask"]).any():
             ax.contour(np.asarray(p["mask"], dtype=np.float32), levels=[0.5], colors="white", linewidths=1.5)
         ax.set_xlim(0, w)
         ax.set_ylim(h, 0)
         ax.set_axis_off()
-        # colours are alpha / max(alpha): the title gives the scale (uniform attention is 1/P everywhere)
-        ax.set_title(f"{p['word']}: in mask {p['correctness']:.2f}\nmax {alpha.max():.3f}, uniform {1 / alpha.size:.3f}",
+        # colours span [min, max] of alpha: the title gives the scale (uniform attention is 1/P everywhere)
+        ax.set_title(f"{p['word']}: in mask {p['correctness']:.2f}\nalpha {alpha.min():.3f}..{alpha.max():.3f}, "
+                     f"uniform {1 / alpha.size:.3f}",
                      fontsize=8)
     text = "\n".join(textwrap.fill(line, 48 * n) for line in caption.splitlines())
     fig.suptitle(f"{title}\n{text}" if title else text, fontsize=8)
@@ -250,7 +253,9 @@ def _attention_figures(run: RunDir, url, image_root, vocab: Vocab, attn: dict, i
             panels.append({"word": tokens[k] if k < len(tokens) else f"token {k}", "alpha": alpha.reshape(G, G).numpy(),
                            "mask": store.merged_mask(row, c, k, score_threshold=score_threshold, size="image"),
                            "correctness": float((alpha / alpha.sum() * attn["coverage"][j]).sum())})
-        fig = attention_figure(image, panels, f"GT: {' '.join(tokens)}\ngenerated: {generated.get(row, '')}",
+        gen = generated.get(row, "")
+        gen = gen if len(gen) <= 150 else gen[:150] + " ..."
+        fig = attention_figure(image, panels, f"GT: {' '.join(tokens)}\ngenerated: {gen}",
                                f"row {row} caption {c} (teacher-forced attention)")
         path = run.figures / f"attention_{split}_row{row:06d}.png"
         fig.savefig(path)

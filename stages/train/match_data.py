@@ -5,8 +5,8 @@ A batch is a dict of tensors built in the DataLoader worker from one :class:`Sto
 - images ``B``: ``rows``, ``regions (B, R, D)`` float16, ``region_mask (B, R)``, ``region_boxes``, ``hw``;
 - texts ``P``: ``txt_img (P,)`` (which image of the batch), ``caption (P,)`` (caption index in its row),
   ``texts`` (raw captions), ``token_texts`` (their space-joined Karpathy tokens); SCAN: ``tokens (P, T)``,
-  ``lengths (P,)`` (vocabulary ids, ``<start>`` ..
-  ``<end>``, so Karpathy token k sits at position k + 1); MMCA: ``words (P, L, H)`` cached BERT outputs,
+  ``lengths (P,)`` (vocabulary ids, ``<start>`` .. ``<end>``, so Karpathy token k sits at position k + 1);
+  MMCA: ``words (P, L, H)`` cached BERT outputs,
   ``word_mask``, ``offsets`` (absent when no cache is given: the training loop then runs BERT online
   and calls :func:`resolve_positions` itself);
 - matched words ``n`` (class-word matches of those captions): ``match_txt``, ``match_class``,
@@ -24,6 +24,10 @@ the instances of its class with score >= ``score_threshold`` (pasted at image re
 a reference when >= ``inside_threshold`` of its box lies inside that mask; when none does, the region(s)
 with the largest inside fraction are (``ica.region_labels``). A word whose class has no instance above
 the threshold, or whose mask touches no region, has ``match_has_ref`` False.
+
+Flickr30k Entities (``entity_queries``): the reader for its published ``Sentences/*.txt`` and
+``Annotations/*.xml``, turning phrases with boxes into queries whose reference regions have IoU >= 0.5
+with a phrase box (METHODS §8).
 """
 
 from __future__ import annotations
@@ -210,8 +214,8 @@ class MatchDataset(Dataset):
     """``ds[(epoch, rows)]`` (or ``ds[rows]``) -> a matching batch of those store rows (module doc).
 
     Reads the main store and, for MMCA, the row-aligned text cache (same block size: checked); both open
-    lazily per worker. ``labels=False`` skips instances and region labels (faster when no CCR/CCS/ICA
-    weight or attention metric needs them; matched words are still read when the store has matches).
+    lazily per worker. ``labels=False`` skips instances and region labels (faster when neither the ICA
+    loss nor an attention metric needs them; matched words are still read when the store has matches).
     """
 
     def __init__(self, store, *, kind: str, text_cache=None, vocab=None, split: str | None = None, rows=None,

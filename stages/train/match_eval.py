@@ -118,10 +118,16 @@ def evaluate_match(run_dir, split: str = "test", rerank_top: int | None = None, 
                                 "speedup": round(exact_s / max(rr_s, 1e-9), 2),
                                 "vs_exact": rerank_report(metrics, rmetrics)}
     has = data["match_has_ref"]
+    scores["matched_words"] = int(len(data["match_txt"]))
+    if cfg.model == "scan" and cfg.direction != "t2i":  # regions attend to words: no word->region attention
+        notes.append("attention metrics need word->region attention; SCAN i2t has none")
+        has = torch.zeros_like(has)
+        entities = None
     weights = query_attention(net, data, data["match_txt"][has], data["match_pos"][has], dev)
     scores.update(_prf(weights, data["match_labels"][has] > 0))
     scores["attn_reference"] = "pseudo: regions >= 50% inside the word's merged mask"
-    scores["matched_words"] = int(len(data["match_txt"]))
+    if not len(data["match_txt"]):
+        notes.append("the store has no class-word matches: no attention metrics")
     if entities is not None:
         q = entity_queries(entities, url, data, cfg.model)
         ew = query_attention(net, data, q["txt"], q["pos"], dev)

@@ -49,13 +49,19 @@ from .text_encoders import encode_tokens, load_bert
 from .vocab import Vocab
 
 PAD_SCORE = -100.0
-# Options that may change between a run and its resumption (how it runs, not what it computes).
-RUNTIME_KEYS = {"epochs", "device", "num_workers", "checkpoint_every", "log_every", "max_steps", "val_rerank_top",
-                "val_max_images"}
+# Options that may change between a run and its resumption (how it runs, not what it computes). Not
+# num_workers: it sets the sampler's lanes (one per worker), hence the order of the rows.
+RUNTIME_KEYS = {"epochs", "device", "checkpoint_every", "log_every", "max_steps", "val_rerank_top", "val_max_images"}
 
 
 @dataclass
 class MatchTrainConfig:
+    """Everything a matching run computes with (saved as the run's config.yaml; see the module doc).
+
+    Defaults follow METHODS §4/§6: Adam 2e-4, ×0.1 from epoch 10 (MMCA: 10 + 10 epochs), margin 0.2,
+    gradient clip 2, batch 64, d = 256 (MMCA) / embed 1024 (SCAN). CCR/CCS/ICA weights are 0 (off).
+    """
+
     model: str = "scan"  # scan | mmca
     store: str = ""
     text_cache: str | None = None  # MMCA: cached BERT outputs (`vlcache store text-cache`); None = BERT online
@@ -372,6 +378,8 @@ def train_match(cfg: MatchTrainConfig, run_dir, resume: bool = True) -> dict:
         opt.load_state_dict(state["optimizer"])
         sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(state["rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
         gen.set_state(state["ccs_rng"])
         epoch, batches, step = int(state["epoch"]), int(state["batches"]), int(state["step"])
         best = {"rsum": float(state["best_rsum"]), "epoch": int(state["best_epoch"])}
@@ -393,6 +401,7 @@ def train_match(cfg: MatchTrainConfig, run_dir, resume: bool = True) -> dict:
                 "model": net.state_dict(), "optimizer": opt.state_dict(), "model_args": args,
                 "vocab": vocab.to_dict() if vocab else None, "epoch": epoch, "batches": batches, "step": step,
                 "sampler": sampler.state_dict(position=batches * cfg.batch_size), "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                 "ccs_rng": gen.get_state(), "best_rsum": best["rsum"], "best_epoch": best["epoch"], **extra})
 
     started, stopped, last_val = time.time(), False, None

@@ -45,17 +45,23 @@ def cache_config(fingerprint: str, bert, max_len: int, hidden: int) -> dict:
 
 def build_text_cache(store_url, out_url, bert=None, max_len: int = 32, batch_size: int = 256,
                      device: str | torch.device = "cpu", overwrite: bool = False, progress: bool = False,
-                     storage_options: dict | None = None) -> dict:
+                     rank: int = 0, world_size: int = 1, storage_options: dict | None = None) -> dict:
     """Encode every caption of the store at ``store_url`` with the frozen BERT into a cache at ``out_url``.
 
     ``bert``: None (bundled all-MiniLM-L6-v2) or a local BERT directory / cached Hugging Face name.
     Captions longer than ``max_len`` subword tokens ([CLS]/[SEP] included) are truncated; matched words
-    past the cut have no tokens and are skipped by training. Blocks whose rows are not all done in the
-    main store are left for a later run. Returns ``{"url", "blocks_written", "pending", "complete"}``.
+    past the cut have no tokens and are skipped by training. The main store must be complete (its
+    fingerprint, which the cache records, is final only then). ``rank``/``world_size``: processes that
+    share the work own disjoint blocks (as extraction does); a rerun writes only the blocks not done.
+    Returns ``{"url", "blocks_written", "complete"}`` (complete once every rank's blocks are done).
     """
     src = open_backend(os.fspath(store_url), "r", storage_options=storage_options)
     try:
         attrs, layout = src.attrs(), src.layout
+        if not attrs.get("complete"):
+            done = int(done_mask(src).sum())
+            raise StoreError(f"store {store_url} is not complete ({done} of {layout.num_rows} rows done): finish "
+                             "its extraction before building a text cache")
         fingerprint = store_fingerprint(store_url, storage_options)
         tokenizer, model = load_bert(bert, device=device)
         hidden = int(model.config.hidden_size)
@@ -69,9 +75,9 @@ def build_text_cache(store_url, out_url, bert=None, max_len: int = 32, batch_siz
             "text_encoder": {"name": _bert_id(bert), "hidden_size": hidden, "max_len": int(max_len),
                              "layers": int(model.config.num_hidden_layers)},
         }
-        writer = StoreWriter(out_url, out_layout, out_attrs, overwrite=overwrite, storage_options=storage_options)
-        main_done = done_mask(src)
-        written, waiting = 0, []
+        writer = StoreWriter(out_url, out_layout, out_attrs, rank=rank, world_size=world_size, overwrite=overwrite,
+                             storage_options=storage_options)
+        written = 0
         pending = writer.pending_blocks()
         it = pending
         if progress:
@@ -79,17 +85,14 @@ def build_text_cache(store_url, out_url, bert=None, max_len: int = 32, batch_siz
             it = tqdm(pending, desc="text cache", unit="block")
         for b in it:
             rows = layout.block_rows(b)
-            if not main_done[rows.start:rows.stop].all():
-                waiting.append(b)  # the main store has not finished this block yet
-                continue
             arrays = {s.path: src.read_block(s.path, b) for s in out_layout.specs()
                       if s.group in COPIED and s.path != DONE}
             arrays.update(_encode_block(arrays, cap, tokenizer, model, batch_size, device, src.url, rows.start))
             writer.write_block(b, arrays)
             written += 1
-        complete = writer.finalize() if not waiting else False
+        complete = writer.finalize()
         writer.close()
-        return {"url": os.fspath(out_url), "blocks_written": written, "pending": waiting, "complete": complete}
+        return {"url": os.fspath(out_url), "blocks_written": written, "complete": complete}
     finally:
         src.close()
 
