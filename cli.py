@@ -117,6 +117,49 @@ def store_import(
     typer.echo(format_import_report(report))
 
 
+@store_app.command("copy")
+def store_copy(
+    src: str = typer.Argument(..., help="Source store (path or URL)."),
+    dst: str = typer.Argument(..., help="Destination (path or URL; .h5 for one HDF5 file)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite a complete destination store."),
+    workers: int = typer.Option(4, help="Blocks copied in parallel (threads)."),
+):
+    """Copy a store between any two locations (local, s3://, gs://; Zarr <-> HDF5), block by block.
+
+    Resumable after interruption; every block is read back and compared on arrival.
+    """
+    from .storage.sharing import copy_store
+
+    rep = _run_guarded(copy_store, src, dst, force=force, progress=True, workers=workers)
+    typer.echo(rep.summary())
+    raise typer.Exit(0 if rep.complete else 3)
+
+
+@store_app.command("diff")
+def store_diff(a: str = typer.Argument(...), b: str = typer.Argument(...)):
+    """Same schema? same config? same rows? which arrays differ? Exit 0 when identical, 1 otherwise."""
+    from .storage.sharing import diff_stores
+
+    rep = _run_guarded(diff_stores, a, b, progress=True)
+    typer.echo(rep.summary())
+    raise typer.Exit(0 if rep.identical else 1)
+
+
+@app.command("inspect")
+def inspect_cmd(
+    url: str = typer.Argument(..., help="Store path or URL."),
+    image: str = typer.Option(..., "--image", help="Image id, or row number."),
+    caption: int = typer.Option(0, help="Caption index."),
+    word: Optional[str] = typer.Option(None, help="Highlight this matched word's merged mask."),
+    out: Path = typer.Option(Path("fig.png"), help="PNG to write."),
+    image_root: Optional[Path] = typer.Option(None, help="Image folder, if the images moved."),
+):
+    """Draw one image with its cached masks, classes, scores and matched caption words to a PNG."""
+    from .storage.figures import inspect_image
+
+    typer.echo(_run_guarded(inspect_image, url, image, caption=caption, word=word, out=out, image_root=image_root))
+
+
 @app.command("extract")
 def extract_cmd(
     dataset: Path = typer.Option(..., help="Karpathy JSON, COCO captions JSON or JSONL file."),

@@ -122,10 +122,11 @@ def run_config(kind: str, path: str, workers: int, batch: int, seconds: float, r
                     return len(files)
 
                 def __getitem__(self, i):
-                    z = np.load(files[i])
+                    z = np.load(files[i], allow_pickle=False)
                     return {"x": z["x"], "bbox": z["bbox"], "num_bbox": int(z["num_bbox"])}
         else:
-            feats, boxes = np.load(Path(path) / "feats.npy"), np.load(Path(path) / "boxes.npy")
+            feats, boxes = (np.load(Path(path) / "feats.npy", allow_pickle=False),
+                            np.load(Path(path) / "boxes.npy", allow_pickle=False))
 
             class Rows(Dataset):
                 def __len__(self):
@@ -138,7 +139,8 @@ def run_config(kind: str, path: str, workers: int, batch: int, seconds: float, r
                             num_workers=workers, persistent_workers=workers > 0)
         key = "x"
     elif kind == "ram-gather":
-        feats, boxes = np.load(Path(path) / "feats.npy"), np.load(Path(path) / "boxes.npy")
+        feats, boxes = (np.load(Path(path) / "feats.npy", allow_pickle=False),
+                        np.load(Path(path) / "boxes.npy", allow_pickle=False))
 
         class Batches(Dataset):
             def __len__(self):

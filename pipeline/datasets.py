@@ -21,6 +21,9 @@ from ..storage.schema import SPLITS
 from .records import Dataset, ImageRecord, karpathy_tokens
 
 _FIRST = 10  # how many offending items an error message lists
+# Longest caption (characters, and characters of its tokens) accepted. Real captions are < 1,000; a
+# longer one would cost ~150 bytes/char in class-word matching and O(n^2) time to align its tokens.
+MAX_CAPTION_CHARS = 4096
 
 
 class DatasetError(ValueError):
@@ -131,6 +134,8 @@ def load_jsonl(
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise DatasetError(f"{path}: line {lineno}: malformed JSON at column {e.colno}: {e.msg}") from None
+        except RecursionError:
+            raise DatasetError(f"{path}: line {lineno}: JSON nested too deeply") from None
         where = f"{path}: line {lineno}"
         if not isinstance(obj, dict):
             raise DatasetError(f"{where}: expected a JSON object, got {type(obj).__name__}")
@@ -327,6 +332,12 @@ def _check_captions(path: Path, records: list[ImageRecord]) -> None:
     blank = [r.id for r in records if any(not c for c in r.captions)]
     if blank:
         raise DatasetError(f"{path}: {len(blank)} image(s) with an empty caption, e.g. ids {blank[:_FIRST]}")
+    longest = {r.id: max(max(map(len, r.captions)), max(sum(map(len, t)) for t in r.tokens) if r.tokens else 0)
+               for r in records}
+    long = [(k, n) for k, n in longest.items() if n > MAX_CAPTION_CHARS]
+    if long:
+        raise DatasetError(f"{path}: {len(long)} image(s) with a caption (or its tokens) longer than "
+                           f"{MAX_CAPTION_CHARS} characters, e.g. id {long[0][0]!r} ({long[0][1]} characters)")
 
 
 def _check_images(path: Path, root: Path, records: list[ImageRecord]) -> None:
@@ -359,6 +370,8 @@ def _read_json(path: Path) -> Any:
             return json.load(fh)
     except json.JSONDecodeError as e:
         raise DatasetError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except RecursionError:  # json's decoder recurses per nesting level
+        raise DatasetError(f"{path}: JSON nested too deeply") from None
     except (OSError, UnicodeDecodeError) as e:
         raise DatasetError(f"{path}: cannot read dataset file: {e}") from None
 

@@ -187,17 +187,39 @@ def _match_statistics(backend: Backend, done: np.ndarray) -> dict:
     C = labels.shape[1]
     real = done[:, None] & (np.arange(C)[None, :] < n_caps[:, None])  # (N, C) captions that exist
     lab = labels[real]  # (captions, K); -1 = padding
-    valid = lab >= 0
-    spans = valid.sum(1)
-    srt = np.sort(np.where(valid, lab, -1), axis=1)
-    distinct = (valid & np.concatenate([np.ones((len(srt), 1), bool), srt[:, 1:] != srt[:, :-1]], 1)).sum(1)
+    spans = (lab >= 0).sum(1)
+    srt = np.sort(lab, axis=1)  # padding (-1) first; a class counts once where it differs from its left
+    first = np.concatenate([np.ones((len(srt), 1), bool), srt[:, 1:] != srt[:, :-1]], 1)
+    distinct = ((srt >= 0) & first).sum(1)
     n = len(lab)
     return {
         "captions": int(n),
         "mean_matched_objects_per_caption": float(distinct.mean()) if n else 0.0,
         "mean_matched_words_per_caption": float(spans.mean()) if n else 0.0,
         "captions_with_match": float((spans > 0).mean()) if n else 0.0,
+        **_top_matched_words(backend, done, n_caps),
     }
+
+
+def _top_matched_words(backend: Backend, done: np.ndarray, n_caps: np.ndarray, max_rows: int = 5000,
+                       top: int = 10) -> dict:
+    """The most frequent matched words, counted over the first ``max_rows`` done rows (strings are slow
+    to read on big stores; the sample size is reported)."""
+    rows = np.flatnonzero(done)[:max_rows]
+    if not len(rows) or not backend.has("matches/span"):
+        return {"top_words": [], "top_words_rows": 0}
+    tokens = backend.read("captions/tokens", rows)
+    spans = backend.read("matches/span", rows)
+    counts = backend.read("matches/count", rows)
+    words: dict[str, int] = {}
+    for k in range(len(rows)):
+        for c in range(int(n_caps[rows[k]])):
+            toks = str(tokens[k, c]).split()
+            for j in range(int(counts[k, c])):
+                w = " ".join(toks[spans[k, c, j, 0]:spans[k, c, j, 1]])
+                words[w] = words.get(w, 0) + 1
+    ranked = sorted(words.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
+    return {"top_words": [[w, c] for w, c in ranked], "top_words_rows": int(len(rows))}
 
 
 def format_info(data: dict) -> str:
@@ -231,6 +253,9 @@ def format_info(data: dict) -> str:
             f"{m['mean_matched_words_per_caption']:.2f} words per caption; "
             f"{100 * m['captions_with_match']:.0f}% of {m['captions']} captions have a match"
         )
+        if m.get("top_words"):
+            lines.append(f"top words  " + ", ".join(f"{w} ({c})" for w, c in m["top_words"])
+                         + f"  (first {m['top_words_rows']} rows)")
     lines += [f"error      {e}" for e in data["first_errors"]]
     lines.append("config     " + json.dumps(data["config"], sort_keys=True))
     return "\n".join(lines)

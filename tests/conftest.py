@@ -109,7 +109,7 @@ def make_tiny_store(url, image_root: Path, n: int = 20, block_size: int = 8, *, 
         truth["grid/feats"][r] = rng.normal(0, 1, truth["grid/feats"].shape[1:])
         for c, (sp, sl) in enumerate(zip(spans, slabels)):
             truth["matches/count"][r, c] = len(sp)
-            truth["matches/span"][r, c, :len(sp)] = sp
+            truth["matches/span"][r, c, :len(sp)] = np.asarray(sp, dtype=np.int32).reshape(-1, 4)
             truth["matches/label"][r, c, :len(sl)] = sl
     attrs = {"dataset": "tiny", "image_root": str(image_root), "splits": {s: 0 for s in SPLITS}, "sources": [],
              "config": {"detector": "synthetic"}, "classes": CLASSES}

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from synth_store import make_synth_store
-from vlcache.stages.train.match_data import (
-    entity_queries, load_split, read_entities_annotation, read_entities_sentences)
+from vlcache.stages.train.entities import entity_queries, read_entities_annotation, read_entities_sentences
+from vlcache.stages.train.match_data import load_split
 from vlcache.stages.train.match_eval import evaluate_match, protocol_metrics, run_match_ablation
 from vlcache.stages.train.match_train import MatchTrainConfig, load_match_run, make_dataset, similarity, train_match
 from vlcache.storage.store import open_store

@@ -11,8 +11,8 @@ from synth_store import make_synth_store
 from vlcache.stages.train.ica import region_labels
 from vlcache.stages.train.losses import lovasz_hinge
 from vlcache.stages.train.match_data import MatchDataset, caption_choice
-from vlcache.stages.train.match_train import (
-    PAD_SCORE, MatchNet, MatchTrainConfig, build_vocab, match_losses, model_args, train_match, word_views)
+from vlcache.stages.train.match_model import PAD_SCORE, MatchNet, match_losses, model_args, word_views
+from vlcache.stages.train.match_train import MatchTrainConfig, build_vocab, train_match
 from vlcache.stages.train.text_cache import build_text_cache
 from vlcache.storage.masks import region_inside_fraction
 from vlcache.storage.store import open_store

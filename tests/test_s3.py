@@ -204,15 +204,18 @@ copy_store(sys.argv[1], sys.argv[2], progress=False, workers=1)
 """
 
 
-def test_push_killed_midway_resumes(s3, tiny_store_factory):
+def test_push_killed_midway_resumes(s3, tiny_store_factory, tmp_path):
     a = tiny_store_factory("a.zarr", n=16, block_size=4)
     url = f"s3://{BUCKET}/team/killed.zarr"
-    proc = subprocess.Popen([sys.executable, "-c", _SLOW_PUSH, a.url, url], env=env_with_credentials(s3),
-                            stdout=subprocess.PIPE, text=True, cwd=ROOT)
-    seen = [proc.stdout.readline()]
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert all(s.startswith("block") for s in seen), seen
+    with open(tmp_path / "stderr.txt", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", _SLOW_PUSH, a.url, url], env=env_with_credentials(s3),
+                                stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT)
+        seen = [proc.stdout.readline()]
+        while seen[-1] and not seen[-1].startswith("block"):  # '' = the push ended (it must not have)
+            seen.append(proc.stdout.readline())
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert seen[-1].startswith("block"), (seen, (tmp_path / "stderr.txt").read_text()[-3000:])
     half = info(url, s3.options)
     assert half["state"] == "incomplete" and 1 <= half["blocks"]["done"] < 4 and half["fingerprint"] is None
     assert not diff_stores(a.url, url, storage_options_b=s3.options).identical

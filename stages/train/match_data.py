@@ -1,17 +1,18 @@
-"""Image-text matching batches streamed from a store (and, for MMCA, its text cache).
+"""Image-text matching batches streamed from a store (and, for MMCA/SLAN, its text cache).
 
 A batch is a dict of tensors built in the DataLoader worker from one :class:`StoreBatchDataset` read:
 
-- images ``B``: ``rows``, ``regions (B, R, D)`` float16, ``region_mask (B, R)``, ``region_boxes``, ``hw``;
+- images ``B``: ``rows``, ``regions (B, R, D)`` float16 (SLAN instead: ``grid (B, G*G, D_g)`` float16,
+  its regions being pooled from the grid), ``region_mask (B, R)``, ``region_boxes (B, R, 4)``, ``hw (B, 2)``;
 - texts ``P``: ``txt_img (P,)`` (which image of the batch), ``caption (P,)`` (caption index in its row),
   ``texts`` (raw captions), ``token_texts`` (their space-joined Karpathy tokens); SCAN: ``tokens (P, T)``,
   ``lengths (P,)`` (vocabulary ids, ``<start>`` .. ``<end>``, so Karpathy token k sits at position k + 1);
-  MMCA: ``words (P, L, H)`` cached BERT outputs,
+  MMCA and SLAN: ``words (P, L, H)`` cached BERT outputs,
   ``word_mask``, ``offsets`` (absent when no cache is given: the training loop then runs BERT online
   and calls :func:`resolve_positions` itself);
 - matched words ``n`` (class-word matches of those captions): ``match_txt``, ``match_class``,
   ``match_char``/``match_tok`` spans, ``match_pos (n, L)`` pooling weights over the word's text
-  positions (its Karpathy tokens for SCAN; its BERT word pieces via character offsets for MMCA; rows
+  positions (its Karpathy tokens for SCAN; its BERT word pieces via character offsets for MMCA/SLAN; rows
   sum to 1), and region labels ``match_labels (n, R)`` with ``match_has_ref (n,)``.
 
 Captions per step (``captions``): ``"one"`` (default) pairs each image with one of its captions, drawn
@@ -25,22 +26,15 @@ a reference when >= ``inside_threshold`` of its box lies inside that mask; when 
 with the largest inside fraction are (``ica.region_labels``). A word whose class has no instance above
 the threshold, or whose mask touches no region, has ``match_has_ref`` False.
 
-Flickr30k Entities (``entity_queries``): the reader for its published ``Sentences/*.txt`` and
-``Annotations/*.xml``, turning phrases with boxes into queries whose reference regions have IoU >= 0.5
-with a phrase box (METHODS §8).
+The Flickr30k Entities reference (phrase boxes) is read by ``entities``.
 """
 
 from __future__ import annotations
 
-import xml.etree.ElementTree as ET
-from pathlib import Path
-
 import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset
-from torchvision.ops import box_iou
 
-from ...pipeline.records import karpathy_tokens
 from ...storage.backends import open_backend
 from ...storage.errors import StoreError
 from ...storage.masks import paste_masks, region_inside_fraction
@@ -53,8 +47,10 @@ IMAGE_FIELDS = ["images/id", "images/hw", "regions/count", "regions/feats", "reg
 MATCH_FIELDS = ["matches/count", "matches/span", "matches/label"]
 INSTANCE_FIELDS = ["instances/count", "instances/labels", "instances/scores", "instances/boxes", "instances/masks"]
 CACHE_FIELDS = ["text/hidden", "text/mask", "text/offsets"]
-KINDS = ("scan", "mmca")
+KINDS = ("scan", "mmca", "slan")
+BERT_KINDS = ("mmca", "slan")  # text from BERT (cache or online)
 TEXT_KEYS = ("tokens", "lengths", "words", "word_mask", "offsets")  # per-caption text tensors of a batch
+IMAGE_KEYS = ("rows", "regions", "grid", "region_mask", "region_boxes", "hw")  # per-image tensors of a batch
 
 
 def caption_choice(rows: np.ndarray, counts: np.ndarray, epoch: int, seed: int) -> np.ndarray:
@@ -94,14 +90,14 @@ def merged_region_labels(masks: np.ndarray, classes: np.ndarray, cls: int, boxes
 def resolve_positions(batch: dict, kind: str) -> dict:
     """Fill ``match_pos`` (n, L) from the text representation and drop matched words that have no text
     position (truncated away). SCAN: Karpathy tokens [start, end) at positions +1 (``<start>`` first),
-    inside the encoded length. MMCA: BERT word pieces overlapping the word's character span."""
+    inside the encoded length. MMCA/SLAN: BERT word pieces overlapping the word's character span."""
     n = batch["match_txt"].shape[0]
     if kind == "scan":
         T = batch["tokens"].shape[1]
         pos = torch.arange(T)[None]
         tok, last = batch["match_tok"], batch["lengths"][batch["match_txt"]] - 1  # <end> is at length - 1
         hit = (pos >= tok[:, :1] + 1) & (pos < tok[:, 1:] + 1) & (pos < last[:, None])
-    elif kind == "mmca":
+    elif kind in BERT_KINDS:
         offs = batch["offsets"]
         hit = torch.zeros(n, offs.shape[1], dtype=torch.bool)
         for j in range(n):
@@ -123,7 +119,8 @@ def build_batch(b: dict, cache: dict | None, *, kind: str, epoch: int = 0, seed:
                 vocab=None, score_threshold: float = 0.5, inside_threshold: float = 0.5,
                 url: str = "?") -> dict:
     """Turn one store read ``b`` (and the row-aligned cache read) into a matching batch (module doc)."""
-    feats = b["regions/feats"]  # kept as is: a worker's shared-memory tensor is sent without a copy
+    feat_key = "grid/feats" if kind == "slan" else "regions/feats"
+    feats = b[feat_key]  # kept as is: a worker's shared-memory tensor is sent without a copy
     b = {k: (v.numpy() if torch.is_tensor(v) else v) for k, v in b.items()}
     if cache is not None:
         cache = {k: (v.numpy() if torch.is_tensor(v) else v) for k, v in cache.items()}
@@ -135,7 +132,7 @@ def build_batch(b: dict, cache: dict | None, *, kind: str, epoch: int = 0, seed:
         if (cnt == 0).any():
             i = int(np.flatnonzero(cnt == 0)[0])
             raise StoreError(f"store {url}: row {int(rows[i])} (image id {ids[i]!r}) has no {what}")
-    B, R = b["regions/feats"].shape[:2]
+    B, R = b["regions/boxes"].shape[:2]
     if captions == "one":
         txt_img = np.arange(B)
         cap = caption_choice(rows, ncap, epoch, seed)
@@ -146,7 +143,8 @@ def build_batch(b: dict, cache: dict | None, *, kind: str, epoch: int = 0, seed:
         raise ValueError(f"captions must be 'one' or 'all', got {captions!r}")
     out = {
         "rows": torch.from_numpy(rows.astype(np.int64)),
-        "regions": feats if torch.is_tensor(feats) else torch.from_numpy(np.ascontiguousarray(feats)),
+        "grid" if kind == "slan" else "regions":
+            feats if torch.is_tensor(feats) else torch.from_numpy(np.ascontiguousarray(feats)),
         "region_mask": torch.arange(R)[None] < torch.from_numpy(nreg)[:, None],
         "region_boxes": torch.from_numpy(np.ascontiguousarray(b["regions/boxes"], np.float32)),
         "hw": torch.from_numpy(np.asarray(b["images/hw"], np.int64)),
@@ -159,7 +157,7 @@ def build_batch(b: dict, cache: dict | None, *, kind: str, epoch: int = 0, seed:
         if vocab is None:
             raise ValueError("SCAN batches need a vocabulary (vocab=...)")
         out["tokens"], out["lengths"] = vocab.encode_batch([str(t) for t in b["captions/tokens"][txt_img, cap]])
-    elif kind == "mmca":
+    elif kind in BERT_KINDS:
         if cache is not None:
             if not np.array_equal(np.asarray(cache["row"]), rows):
                 raise StoreError(f"text cache rows {cache['row'][:5]} do not line up with store rows {rows[:5]}")
@@ -213,7 +211,7 @@ def _matches(b: dict, txt_img, cap, R: int, score_threshold: float, inside_thres
 class MatchDataset(Dataset):
     """``ds[(epoch, rows)]`` (or ``ds[rows]``) -> a matching batch of those store rows (module doc).
 
-    Reads the main store and, for MMCA, the row-aligned text cache (same block size: checked); both open
+    Reads the main store and, for MMCA/SLAN, the row-aligned text cache (same block size: checked); both open
     lazily per worker. ``labels=False`` skips instances and region labels (faster when neither the ICA
     loss nor an attention metric needs them; matched words are still read when the store has matches).
     """
@@ -226,6 +224,10 @@ class MatchDataset(Dataset):
         with open_backend(str(store), "r", storage_options=storage_options) as be:
             groups = be.layout.groups
         fields = list(IMAGE_FIELDS)
+        if kind == "slan":  # SLAN pools its regions from the grid map: no region features needed
+            if "grid" not in groups:
+                raise StoreError(f"store {store} has no 'grid' group: SLAN needs the grid feature map")
+            fields[fields.index("regions/feats")] = "grid/feats"
         if "matches" in groups:
             fields += MATCH_FIELDS
         if labels and "instances" in groups:
@@ -233,7 +235,7 @@ class MatchDataset(Dataset):
         self.main = StoreBatchDataset(store, fields, rows=rows, split=split, cache_blocks=cache_blocks,
                                       storage_options=storage_options)
         self.cache = None
-        if text_cache is not None and kind == "mmca":
+        if text_cache is not None and kind in BERT_KINDS:
             self.cache = StoreBatchDataset(text_cache, ["images/id"] + CACHE_FIELDS, rows=self.main.rows,
                                            cache_blocks=cache_blocks, storage_options=storage_options)
             if self.cache.block_size != self.main.block_size:
@@ -327,6 +329,21 @@ def concat_batches(batches: list[dict]) -> dict:
     return out
 
 
+def pair_batch(data: dict, txt: torch.Tensor, device=None) -> tuple[dict, torch.Tensor]:
+    """The captions ``txt (n,)`` of a split batch, deduplicated, each with its own image: a batch of u
+    (caption, image) pairs (``txt_img = arange(u)``, text padding shared by all trimmed) on ``device``,
+    and ``inv (n,)`` mapping each entry of ``txt`` to its pair."""
+    uniq, inv = torch.unique(txt, return_inverse=True)
+    img = data["txt_img"][uniq]
+    sub = {k: data[k][uniq] for k in TEXT_KEYS if k in data}
+    sub.update({k: data[k][img] for k in IMAGE_KEYS if k in data})
+    sub["txt_img"] = torch.arange(len(uniq))
+    if "word_mask" in sub:
+        width = int(sub["word_mask"].any(0).nonzero()[-1]) + 1
+        sub.update({k: sub[k][:, :width] for k in ("words", "word_mask", "offsets") if k in sub})
+    return {k: v.to(device) if device is not None else v for k, v in sub.items()}, inv
+
+
 def load_split(ds: MatchDataset, batch_size: int = 256) -> dict:
     """Every row of ``ds`` with all its captions, as one batch (``ds.captions`` must be ``"all"``)."""
     if ds.captions != "all":
@@ -336,131 +353,3 @@ def load_split(ds: MatchDataset, batch_size: int = 256) -> dict:
     if order.size == 0:
         raise StoreError(f"store {ds.url}: no rows to evaluate")
     return concat_batches([ds[order[s:s + batch_size]] for s in range(0, order.size, batch_size)])
-
-
-# ----------------------------------------------------------------------------- Flickr30k Entities
-def read_entities_sentences(path) -> list[dict]:
-    """One Flickr30k Entities ``Sentences/<id>.txt``: per line ``{"sentence", "words", "phrases"}`` where
-    a phrase is ``{"first_word", "words", "phrase_id", "types"}`` (word indices into ``words``).
-
-    Published format: ``[/EN#18/people A man] with [/EN#19/other pierced ears] ...``: a tag token
-    ``[/EN#<id>/<type>[/<type>..]`` opens a phrase, the word ending in ``]`` closes it.
-    """
-    out = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        words, phrases, cur = [], [], None
-        for tok in line.split():
-            if cur is None and tok.startswith("[/EN#"):
-                tag = tok[len("[/EN#"):].split("/")
-                if not tag[0]:
-                    raise ValueError(f"{path}:{n}: phrase tag {tok!r} has no id")
-                cur = {"first_word": len(words), "words": [], "phrase_id": tag[0], "types": tag[1:]}
-                continue
-            closes = cur is not None and tok.endswith("]")
-            word = tok[:-1] if closes else tok
-            words.append(word)
-            if cur is not None:
-                cur["words"].append(word)
-                if closes:
-                    phrases.append(cur)
-                    cur = None
-        if cur is not None:
-            raise ValueError(f"{path}:{n}: phrase /EN#{cur['phrase_id']} is never closed with ']'")
-        out.append({"sentence": " ".join(words), "words": words, "phrases": phrases})
-    return out
-
-
-def read_entities_annotation(path) -> dict:
-    """One Flickr30k Entities ``Annotations/<id>.xml``: ``{"width", "height", "boxes": {phrase_id: [[x1,
-    y1, x2, y2], ...]}, "scene": [ids], "nobox": [ids]}``. The XML's 1-based inclusive pixel indices
-    become continuous pixel boxes ``[xmin - 1, ymin - 1, xmax, ymax]`` (the store's convention)."""
-    try:
-        root = ET.parse(path).getroot()
-    except ET.ParseError as e:
-        raise ValueError(f"{path}: not valid XML: {e}") from None
-    size = root.find("size")
-    out = {"width": int(size.findtext("width")) if size is not None else None,
-           "height": int(size.findtext("height")) if size is not None else None, "boxes": {}, "scene": [], "nobox": []}
-    for k, obj in enumerate(root.iter("object")):
-        ids = [e.text.strip() for e in obj.findall("name") if e.text]
-        box = obj.find("bndbox")
-        if box is not None:
-            try:
-                xyxy = [float(box.findtext(t)) for t in ("xmin", "ymin", "xmax", "ymax")]
-            except (TypeError, ValueError):
-                raise ValueError(f"{path}: object {k} has an incomplete <bndbox>") from None
-            for i in ids:
-                out["boxes"].setdefault(i, []).append([xyxy[0] - 1, xyxy[1] - 1, xyxy[2], xyxy[3]])
-        if obj.findtext("scene", "0").strip() == "1":
-            out["scene"] += ids
-        if obj.findtext("nobndbox", "0").strip() == "1":
-            out["nobox"] += ids
-    return out
-
-
-def token_char_spans(raw: str, tokens: list[str]) -> list[tuple[int, int] | None]:
-    """Character span of each Karpathy token in the raw caption (searched in order, case-insensitive)."""
-    low, at, out = raw.lower(), 0, []
-    for t in tokens:
-        i = low.find(t, at)
-        out.append(None if i < 0 else (i, i + len(t)))
-        at = at if i < 0 else i + len(t)
-    return out
-
-
-def entity_queries(entities_dir, url, data: dict, kind: str) -> dict:
-    """Queries for the Entities phrases of a split batch: ``txt (n,)``, ``pos (n, L)``, ``reference
-    (n, R)`` bool (regions with IoU >= 0.5 with any of the phrase's boxes) and counting ``stats``.
-
-    Images are found by file stem (``images/path``), sentences by equal Karpathy tokens; a phrase maps to
-    the caption's tokens through each Entities word's own tokens."""
-    root = Path(entities_dir)
-    if not (root / "Sentences").is_dir() or not (root / "Annotations").is_dir():
-        raise FileNotFoundError(f"{root} is not a Flickr30k Entities directory (needs Sentences/ and Annotations/)")
-    with open_backend(str(url), "r") as be:
-        paths = np.asarray(be.read("images/path", data["rows"].numpy()), dtype=object)
-    stats = dict.fromkeys(["images", "sentences", "sentences_unmatched", "phrases_boxed", "phrases_no_region"], 0)
-    by_img: dict[int, list[int]] = {}
-    for t, i in enumerate(data["txt_img"].tolist()):
-        by_img.setdefault(i, []).append(t)
-    txt, tok, char, ref = [], [], [], []
-    for i, p in enumerate(paths):
-        stem = Path(str(p)).stem
-        sfile, afile = root / "Sentences" / f"{stem}.txt", root / "Annotations" / f"{stem}.xml"
-        if not sfile.is_file() or not afile.is_file():
-            continue
-        stats["images"] += 1
-        boxes = read_entities_annotation(afile)["boxes"]
-        nreg = int(data["region_mask"][i].sum())
-        caps = {tuple(data["token_texts"][t].split()): t for t in by_img.get(i, [])}
-        for sent in read_entities_sentences(sfile):
-            per_word = [karpathy_tokens(w) for w in sent["words"]]
-            t = caps.get(tuple(x for toks in per_word for x in toks))
-            stats["sentences"] += 1
-            if t is None:
-                stats["sentences_unmatched"] += 1
-                continue
-            start = np.cumsum([0] + [len(x) for x in per_word])
-            spans = token_char_spans(data["texts"][t], data["token_texts"][t].split())
-            for ph in sent["phrases"]:
-                a, b = int(start[ph["first_word"]]), int(start[ph["first_word"] + len(ph["words"])])
-                if ph["phrase_id"] not in boxes or b <= a:
-                    continue
-                stats["phrases_boxed"] += 1
-                iou = box_iou(data["region_boxes"][i, :nreg], torch.tensor(boxes[ph["phrase_id"]]))
-                r = torch.zeros(data["region_mask"].shape[1], dtype=torch.bool)
-                r[:nreg] = (iou >= 0.5).any(1)
-                stats["phrases_no_region"] += int(not r.any())
-                cs = spans[a][0] if spans[a] else -1
-                ce = spans[b - 1][1] if spans[b - 1] and cs >= 0 else -1
-                txt.append(t), tok.append((a, b)), char.append((cs, ce)), ref.append(r)
-    q = {k: data[k] for k in TEXT_KEYS if k in data}
-    q.update(match_txt=torch.tensor(txt, dtype=torch.long),
-             match_tok=torch.tensor(tok, dtype=torch.long).reshape(-1, 2),
-             match_char=torch.tensor(char, dtype=torch.long).reshape(-1, 2),
-             match_ref=torch.stack(ref) if ref else torch.zeros(0, data["region_mask"].shape[1], dtype=torch.bool))
-    resolve_positions(q, kind)
-    stats["phrases_used"] = int(len(q["match_txt"]))
-    return {"txt": q["match_txt"], "pos": q["match_pos"], "reference": q["match_ref"], "stats": stats}

@@ -1,4 +1,5 @@
-"""Evaluate a matching run: retrieval (METHODS §10), attention quality (§8), MMCA rerank vs exact (§4).
+"""Evaluate a matching run: retrieval (METHODS §10), attention quality (§8), MMCA rerank vs exact (§4),
+SLAN box localisation before/after adaptation (§9).
 
 ``evaluate_match(run_dir, split)`` scores every (image, caption) pair of the split with the run's model:
 
@@ -9,6 +10,8 @@
 - attention precision/recall/F1 of the word->region attention of matched (image, own caption) pairs:
   against the pseudo reference (regions >= 50% inside the word's merged mask, ``match_data``), and,
   given ``entities`` (a Flickr30k Entities directory), against its phrase boxes (region IoU >= 0.5);
+- SLAN: each matched word's highest-matching region before and after adaptation, scored against the
+  word's merged mask, with figures of both boxes over the image (``slan_train``);
 - figures of a word's attention over regions, ``eval/scores_<split>.json`` (and ``scores.json`` for the
   test split, as captioning does) and ``report.md``.
 
@@ -32,9 +35,12 @@ from ...storage.store import open_store
 from .attention_metrics import attention_prf
 from .caption_data import store_fingerprint
 from .distributed import resolve_device
-from .match_data import TEXT_KEYS, entity_queries, load_split
+from . import slan_train
+from .entities import entity_queries
+from .match_data import load_split, pair_batch
 from .match_train import TextEncoder, load_match_run, make_dataset, similarity
 from .retrieval import coco_1k_5k, recall_at_k, rerank_report
+
 
 def protocol_metrics(sim, txt_img, sim_t2i=None) -> dict:
     """``{"protocol": "coco", "1k", "5k", "folds"}`` for >= 5000 images (multiple of 1000), else
@@ -55,18 +61,10 @@ def query_attention(net, data: dict, txt: torch.Tensor, pos: torch.Tensor, devic
     """Word->region attention ``(n, R)`` of queries ``txt (n,)`` (caption index into ``data``) pooled
     over text positions ``pos (n, L)``, each caption paired with its own image. Eval mode."""
     net.eval()
-    R = data["regions"].shape[1]
-    out = torch.zeros(len(txt), R)
+    out = torch.zeros(len(txt), data["region_mask"].shape[1])
     for s in range(0, len(txt), chunk):
-        t, p = txt[s:s + chunk], pos[s:s + chunk]
-        uniq, inv = torch.unique(t, return_inverse=True)
-        img = data["txt_img"][uniq]
-        sub = {k: data[k][uniq].to(device) for k in TEXT_KEYS if k in data}
-        sub.update(regions=data["regions"][img].to(device), region_mask=data["region_mask"][img].to(device),
-                   txt_img=torch.arange(len(uniq), device=device))
-        if "word_mask" in sub:  # trim padding shared by this chunk
-            width = int(sub["word_mask"].any(0).nonzero()[-1]) + 1
-            sub.update(words=sub["words"][:, :width], word_mask=sub["word_mask"][:, :width])
+        sub, inv = pair_batch(data, txt[s:s + chunk], device)
+        p = pos[s:s + chunk]
         w = net.attention(sub)["weights"].cpu()  # (u, L, R)
         L = w.shape[1]
         out[s:s + chunk] = torch.einsum("nl,nlr->nr", p[:, :L].float(), w[inv].float())
@@ -94,7 +92,7 @@ def evaluate_match(run_dir, split: str = "test", rerank_top: int | None = None, 
         raise ValueError(f"store {url} has fingerprint {fp}, but run {run.path} was trained on a store with "
                          f"fingerprint {config.get('store_fingerprint')}; evaluate on that store")
     data = load_split(make_dataset(cfg, split, vocab, "all", True, store=url))
-    if cfg.model == "mmca" and "words" not in data:
+    if cfg.model in ("mmca", "slan") and "words" not in data:
         data = TextEncoder(cfg.bert, cfg.text_len, dev)(data)
     notes = []
     t0 = time.time()
@@ -107,7 +105,8 @@ def evaluate_match(run_dir, split: str = "test", rerank_top: int | None = None, 
               "scoring_seconds": round(exact_s, 3), "pairs_per_second": round(n_img * n_txt / max(exact_s, 1e-9), 1)}
     if rerank_top:
         if cfg.model != "mmca":
-            notes.append(f"--rerank-top {rerank_top} ignored: SCAN scores all pairs exactly at no extra cost")
+            notes.append(f"--rerank-top {rerank_top} ignored: only MMCA has a shortlist score (i0·c0); "
+                         f"{cfg.model.upper()} scores all pairs exactly")
         else:
             t0 = time.time()
             rr = similarity(net, data, dev, rerank_top=rerank_top)
@@ -123,7 +122,14 @@ def evaluate_match(run_dir, split: str = "test", rerank_top: int | None = None, 
         notes.append("attention metrics need word->region attention; SCAN i2t has none")
         has = torch.zeros_like(has)
         entities = None
-    weights = query_attention(net, data, data["match_txt"][has], data["match_pos"][has], dev)
+    store_view = _open_store(url, image_root)
+    if cfg.model == "slan":  # the same weights, plus each word's highest-matching region before/after adaptation
+        boxes = slan_train.word_boxes(net, data, data["match_txt"][has], data["match_pos"][has], dev)
+        weights = boxes["weights"]
+        loc = slan_train.localisation(store_view, data, has.nonzero().squeeze(1), boxes, cfg.ica_score_threshold)
+        scores.update(loc["summary"])
+    else:
+        weights = query_attention(net, data, data["match_txt"][has], data["match_pos"][has], dev)
     scores.update(_prf(weights, data["match_labels"][has] > 0))
     scores["attn_reference"] = "pseudo: regions >= 50% inside the word's merged mask"
     if not len(data["match_txt"]):
@@ -139,7 +145,10 @@ def evaluate_match(run_dir, split: str = "test", rerank_top: int | None = None, 
     names = [f"scores_{split}.json"] + (["scores.json"] if split == "test" else [])
     for name in names:
         (run.eval / name).write_text(json.dumps(scores, indent=1, default=_json_default))
-    paths = attention_figures(run, url, image_root, data, weights, has, figures, split) if figures else []
+    paths = attention_figures(run, store_view, data, weights, has, figures, split) if figures else []
+    if figures and cfg.model == "slan":
+        paths += slan_train.box_figures(run, lambda row: _image(store_view, row), data, has.nonzero().squeeze(1),
+                                        boxes, loc, figures, split)
     write_report(run, scores, config, paths)
     return scores
 
@@ -181,15 +190,27 @@ def attention_figure(image: np.ndarray, boxes: np.ndarray, weights: np.ndarray, 
     return fig
 
 
-def attention_figures(run: RunDir, url, image_root, data: dict, weights: torch.Tensor, has: torch.Tensor,
-                      limit: int, split: str) -> list[Path]:
-    """Figures for the first matched word (with a reference) of up to ``limit`` distinct images."""
+def _open_store(url, image_root=None):
+    """The notebook Store of ``url`` with its images (``image_root``: the store's own when None)."""
     if image_root is None:  # the store's own: a top-level attribute, or inside a dataset dict
         with open_backend(str(url), "r") as be:
             attrs = be.attrs()
         ds = attrs.get("dataset")
         image_root = attrs.get("image_root") or (ds.get("image_root") if isinstance(ds, dict) else None)
-    store = open_store(url, image_root=image_root)
+    return open_store(url, image_root=image_root)
+
+
+def _image(store, row: int) -> np.ndarray:
+    try:
+        return np.asarray(store.image(row).convert("RGB"))
+    except (FileNotFoundError, OSError, KeyError, ValueError):
+        h, w = store.hw(row)  # images moved: the regions and weights still tell the story
+        return np.full((h, w, 3), 200, np.uint8)
+
+
+def attention_figures(run: RunDir, store, data: dict, weights: torch.Tensor, has: torch.Tensor,
+                      limit: int, split: str) -> list[Path]:
+    """Figures for the first matched word (with a reference) of up to ``limit`` distinct images."""
     idx = has.nonzero().squeeze(1)
     seen, paths = set(), []
     for k, j in enumerate(idx.tolist()):
@@ -199,11 +220,7 @@ def attention_figures(run: RunDir, url, image_root, data: dict, weights: torch.T
         if row in seen or len(paths) >= limit:
             continue
         seen.add(row)
-        try:
-            image = np.asarray(store.image(row).convert("RGB"))
-        except (FileNotFoundError, OSError, KeyError, ValueError):
-            h, w = store.hw(row)  # images moved: the regions and weights still tell the story
-            image = np.full((h, w, 3), 200, np.uint8)
+        image = _image(store, row)
         cs, ce = (int(v) for v in data["match_char"][j])
         text = data["texts"][t]
         nreg = int(data["region_mask"][i].sum())
@@ -256,14 +273,27 @@ def write_report(run: RunDir, scores: dict, config: dict, figures: list[Path]) -
     lines += ["", "Attended set: top regions up to half the attention mass; reference: regions with >= 50% of "
               "their box inside the word's merged mask (else the best-covered ones), or with IoU >= 0.5 with an "
               "Entities phrase box. Multi-word queries average their positions' attention.", ""]
+    if "box_inside_after" in scores:
+        lines += ["## SLAN: the word's highest-matching region before / after adaptation (METHODS §9)", "",
+                  "| box | inside mask | box-mask IoU |", "|---|---|---|",
+                  f"| detector (before) | {_fmt(scores['box_inside_before'])} | {_fmt(scores['box_iou_before'])} |",
+                  f"| adapted (after) | {_fmt(scores['box_inside_after'])} | {_fmt(scores['box_iou_after'])} |", "",
+                  f"{scores['box_words']} words; the filter kept {_fmt(scores['kept_regions'])} regions per pair on "
+                  f"average; {_fmt(100 * scores['box_moved'])}% of the words' boxes moved by more than half a pixel.",
+                  ""]
     if scores["notes"]:
         lines += ["Notes:", ""] + [f"- {n}" for n in scores["notes"]] + [""]
     lines += ["## How this was made", "", f"- store: `{scores['store']}`, fingerprint `{scores['store_fingerprint']}`",
               f"- training: CCR {config.get('ccr')}, CCS {config.get('ccs')}, ICA {config.get('ica')}, "
               f"margin {config.get('margin')}, seed {config.get('seed')}, captions per step: {config.get('captions')}",
+              *([f"- SLAN: {config.get('slan_levels')} adaptor levels (ratios {config.get('slan_ratios') or 'default'}), "
+                 f"K {config.get('slan_k')}, at most T = {config.get('slan_regions')} regions, threshold "
+                 f"{config.get('slan_threshold')}, d {config.get('d')}, queue {config.get('slan_queue')}, "
+                 f"ITC/ITM/reg weights {config.get('w_itc')}/{config.get('w_itm')}/{config.get('w_reg')}"]
+                if config.get("model") == "slan" else []),
               f"- outputs: `eval/scores_{scores['split']}.json`", ""]
     if figures:
-        lines += ["## Attention figures", ""] + [f"![{p.stem}](figures/{p.name})" for p in figures] + [""]
+        lines += ["## Figures", ""] + [f"![{p.stem}](figures/{p.name})" for p in figures] + [""]
     (run.path / "report.md").write_text("\n".join(lines))
 
 

@@ -1,26 +1,13 @@
-"""Image-text matching training (SCAN, MMCA) streamed from a store; METHODS §4, §6, §7, §10.
+"""Image-text matching training (SCAN, MMCA, SLAN) streamed from a store; METHODS §4, §6, §7, §9, §10.
 
-Loss per batch (``txt_img`` maps each caption to its image; same-image pairs are not negatives):
-
-    L = triplet_hardest(S, margin) + λ_ccr CCR + λ_ccs CCS + λ_ica ICA
-
-- ``S``: SCAN's all-pairs similarity / MMCA's S(I, T) for every pair of the batch (differentiable).
-- Word -> region attention of the matched pairs (query q_i, values v_j, weights w_ij): SCAN t2i's
-  softmax(λ1 s̄) (``SCAN.attention``); MMCA's cross-unit attention, word rows restricted to region keys
-  and renormalised. A matched word spanning several text positions (Karpathy tokens, BERT pieces) is
-  one query: its positions' q and w rows averaged (``match_pos``); a_i = Σ_j w_ij v_j.
-- CCR/CCS (METHODS §7, ``losses.ccr_loss``/``ccs_loss``) on those matched words only.
-- ICA for matching (ours, after METHODS §2): Lovász hinge between a word's attention *scores* over
-  regions and its region labels (``match_data``: regions >= 50% inside the merged mask, non-empty
-  rule). Scores: SCAN's pre-softmax λ1 s̄_ij (``logits``); MMCA has one softmax per head, so we use
-  log(w_ij · R_valid) — the log of the renormalised weight relative to uniform, positive exactly when a
-  region gets more than its uniform share. Padded regions get a score of -100 (never foreground, and
-  they sort last, so the hinge equals the one over real regions only).
+The models and their losses (hardest-negative triplet for SCAN/MMCA, ITC + ITM + L_reg for SLAN, plus
+the optional CCR/CCS/ICA attention terms) are in ``match_model``; SLAN's batch inputs and ITC queue
+update in ``slan_train``.
 
 Training: Adam, lr × ``lr_decay`` from epoch ``lr_decay_epoch`` (MMCA: 10 + 10 epochs), gradient
 clipping, validation rsum after every epoch, the ``best`` checkpoint on validation rsum, ``last`` for
-resume (mid-epoch too: sampler position, optimizer, RNG states), ``metrics.jsonl`` and loss curves.
-Under torchrun: DDP, a sharded sampler, rank 0 writes the run.
+resume (mid-epoch too: sampler position, optimizer, RNG states; SLAN's ITC queue is a model buffer),
+``metrics.jsonl`` and loss curves. Under torchrun: DDP, a sharded sampler, rank 0 writes the run.
 """
 
 from __future__ import annotations
@@ -39,16 +26,14 @@ from ...pipeline.runs import RunDir, plot_curves
 from ...storage.backends import open_backend
 from .caption_data import split_rows, store_fingerprint, train_tokens
 from .distributed import barrier, broadcast_object, init_distributed, is_main, resolve_device, wrap_model
-from .losses import ccr_loss, ccs_loss, hardest_negative_triplet, lovasz_hinge
 from .match_data import MatchDataset, load_split, match_loader, resolve_positions
-from .mmca import MMCA
+from .match_model import KINDS, MatchNet, match_losses, model_args
+from . import slan_train
 from .retrieval import recall_at_k
-from .scan import SCAN
 from .text_cache import check_text_cache
 from .text_encoders import encode_tokens, load_bert
 from .vocab import Vocab
 
-PAD_SCORE = -100.0
 # Options that may change between a run and its resumption (how it runs, not what it computes). Not
 # num_workers: it sets the sampler's lanes (one per worker), hence the order of the rows.
 RUNTIME_KEYS = {"epochs", "device", "checkpoint_every", "log_every", "max_steps", "val_rerank_top", "val_max_images"}
@@ -58,14 +43,15 @@ RUNTIME_KEYS = {"epochs", "device", "checkpoint_every", "log_every", "max_steps"
 class MatchTrainConfig:
     """Everything a matching run computes with (saved as the run's config.yaml; see the module doc).
 
-    Defaults follow METHODS §4/§6: Adam 2e-4, ×0.1 from epoch 10 (MMCA: 10 + 10 epochs), margin 0.2,
-    gradient clip 2, batch 64, d = 256 (MMCA) / embed 1024 (SCAN). CCR/CCS/ICA weights are 0 (off).
+    Defaults follow METHODS §4/§6/§9: Adam 2e-4, ×0.1 from epoch 10 (MMCA: 10 + 10 epochs), margin 0.2,
+    gradient clip 2, batch 64, d = 256 (MMCA, SLAN) / embed 1024 (SCAN); SLAN: 3 levels, r = (1, 0.5,
+    0.25), threshold h = 0.5, ITC + ITM + L_reg with weight 1 each. CCR/CCS/ICA weights are 0 (off).
     """
 
-    model: str = "scan"  # scan | mmca
+    model: str = "scan"  # scan | mmca | slan
     store: str = ""
-    text_cache: str | None = None  # MMCA: cached BERT outputs (`vlcache store text-cache`); None = BERT online
-    bert: str | None = None  # MMCA without cache: BERT name/path (None = bundled all-MiniLM-L6-v2)
+    text_cache: str | None = None  # MMCA/SLAN: cached BERT outputs (`vlcache store text-cache`); None = BERT online
+    bert: str | None = None  # MMCA/SLAN without cache: BERT name/path (None = bundled all-MiniLM-L6-v2)
     train_split: str = "train"
     val_split: str = "val"
     epochs: int = 20
@@ -108,124 +94,36 @@ class MatchTrainConfig:
     alpha: float = 0.2
     dropout: float = 0.1
     text_len: int = 32  # BERT truncation when encoding online
+    # SLAN (also uses d, text_cache, bert, text_len; region_norm standardises its grid features)
+    slan_levels: int = 3  # region adaptor levels L; 0 = frozen detector boxes
+    slan_ratios: list[float] | None = None  # neighbourhood ratio per level; None = (1, 0.5, 0.25, ...)
+    slan_k: int = 3  # K x K sub-regions (odd)
+    slan_regions: int = 16  # T: at most this many regions kept by the filter
+    slan_threshold: float | None = 0.5  # filter threshold h on max-normalised saliency; None = keep the top T
+    slan_pool: int = 2  # RoIAlign output bins per side (averaged into one embedding)
+    slan_samples: int = 2  # RoIAlign samples per bin side
+    slan_box_grad: bool = True  # ITC/ITM gradients reach the boxes (differentiable pooling)
+    slan_queue: int = 4096  # ITC queue length
+    slan_tau: float = 0.07  # initial ITC temperature (learned)
+    slan_offset_tau: float = 0.1  # initial temperature of Eq. 2's sub-region weights (learned)
+    w_itc: float = 1.0
+    w_itm: float = 1.0
+    w_reg: float = 1.0
 
     def __post_init__(self):
-        if self.model not in ("scan", "mmca"):
-            raise ValueError(f"model must be 'scan' or 'mmca', got {self.model!r}")
+        if self.model not in KINDS:
+            raise ValueError(f"model must be one of {KINDS}, got {self.model!r}")
+        if self.model == "slan" and self.slan_ratios is not None and len(self.slan_ratios) != self.slan_levels:
+            raise ValueError(f"slan_ratios needs one ratio per level: slan_levels={self.slan_levels}, "
+                             f"slan_ratios={self.slan_ratios}")
         needs_attention = self.ccr > 0 or self.ccs > 0 or self.ica > 0
         if self.model == "scan" and self.direction != "t2i" and needs_attention:
             raise ValueError("CCR/CCS/ICA constrain word->region attention: SCAN direction must be 't2i'")
 
 
-# ---------------------------------------------------------------------------------------- the model
-def model_args(cfg: MatchTrainConfig, region_dim: int, vocab_size: int = 0, text_dim: int = 0) -> dict:
-    if cfg.model == "scan":
-        return dict(kind="scan", vocab_size=vocab_size, direction=cfg.direction, lambda_softmax=cfg.lambda_softmax,
-                    agg=cfg.agg, lambda_lse=cfg.lambda_lse, embed=cfg.embed, region_dim=region_dim,
-                    word_dim=cfg.word_dim)
-    return dict(kind="mmca", region_dim=region_dim, text_dim=text_dim, d=cfg.d, heads=cfg.heads, alpha=cfg.alpha,
-                dropout=cfg.dropout)
-
-
-class MatchNet(nn.Module):
-    """SCAN or MMCA behind one interface (tensors in, tensors out), so DDP wraps a single forward.
-
-    ``feat_mean``/``feat_std`` (buffers, saved with the model) standardise region features before the
-    model when ``region_norm`` is on (ours, off by default as in the papers): features whose variation
-    is small against a large shared mean (e.g. from a randomly initialised backbone) otherwise make
-    every region embedding nearly the same direction and learning crawls.
-    """
-
-    def __init__(self, kind: str, **kw):
-        super().__init__()
-        self.kind = kind
-        self.net = SCAN(**kw) if kind == "scan" else MMCA(**kw)
-        dim = kw["region_dim"]
-        self.register_buffer("feat_mean", torch.zeros(dim))
-        self.register_buffer("feat_std", torch.ones(dim))
-
-    def regions(self, feats: torch.Tensor) -> torch.Tensor:
-        """Region features as the model sees them (float, standardised when statistics are set)."""
-        return (feats.to(self.feat_mean.dtype) - self.feat_mean) / self.feat_std
-
-    def attention(self, batch: dict) -> dict:
-        """Word->region attention of matched pairs only (caption p with image ``txt_img[p]``): ``query,
-        values, weights, scores, value_mask`` as in :meth:`forward`, without scoring all pairs."""
-        ti, rmask = batch["txt_img"], batch["region_mask"]
-        if self.kind == "scan":
-            if self.net.direction != "t2i":
-                raise ValueError("word->region attention needs SCAN direction 't2i'")
-            img = self.net.encode_image(self.regions(batch["regions"][ti]))
-            return self._scan_attention(img, rmask[ti], self.net.encode_text(batch["tokens"], batch["lengths"]),
-                                        batch["lengths"])
-        m = self.net(self.regions(batch["regions"][ti]), rmask[ti], batch["words"], batch["word_mask"])
-        return self._mmca_attention(m, rmask[ti])
-
-    def _scan_attention(self, img, rmask, cap, lengths) -> dict:
-        a = self.net.attention(img, rmask, cap, lengths)
-        return dict(query=a["query"], values=a["values"], weights=a["weights"], scores=a["logits"],
-                    value_mask=a["key_mask"])
-
-    @staticmethod
-    def _mmca_attention(m: dict, vm: torch.Tensor) -> dict:
-        logw = torch.log(m["attn"].clamp_min(1e-12)) + torch.log(vm.sum(1).float())[:, None, None]
-        return dict(query=m["word_embed"], values=m["region_embed"], weights=m["attn"],
-                    scores=logw.masked_fill(~vm[:, None, :], float("-inf")), value_mask=vm)
-
-    def forward(self, batch: dict, attention: bool = True) -> dict:
-        """``sim (P, P)``: row p = image of caption p, column = caption (the loss's layout). With
-        ``attention``: matched-pair word->region ``query (P, L, d)``, ``values (P, R, d)``, ``weights
-        (P, L, R)``, ``scores (P, L, R)`` (module doc) and ``value_mask (P, R)``."""
-        ti, rmask = batch["txt_img"], batch["region_mask"]
-        if self.kind == "scan":
-            img = self.net.encode_image(self.regions(batch["regions"]))
-            cap = self.net.encode_text(batch["tokens"], batch["lengths"])
-            out = {"sim": self.net.sim_matrix(img, rmask, cap, batch["lengths"])[ti]}
-            if attention and self.net.direction == "t2i":
-                out.update(self._scan_attention(img[ti], rmask[ti], cap, batch["lengths"]))
-            return out
-        m = self.net(self.regions(batch["regions"][ti]), rmask[ti], batch["words"], batch["word_mask"], all_pairs=True)
-        out = {"sim": m["sim"]}
-        if attention:
-            out.update(self._mmca_attention(m, rmask[ti]))
-        return out
-
-
-def word_views(out: dict, batch: dict) -> dict:
-    """Per matched word: q (n, d), w (n, R), values (n, R, d), value_mask (n, R), scores (n, R)."""
-    m, pos = batch["match_txt"], batch["match_pos"].to(out["query"].dtype)
-    vm = out["value_mask"][m]
-    scores = torch.einsum("nl,nlr->nr", pos, out["scores"][m].masked_fill(~vm[:, None, :], 0.0))
-    return {"q": torch.einsum("nl,nld->nd", pos, out["query"][m]),
-            "w": torch.einsum("nl,nlr->nr", pos, out["weights"][m]),
-            "values": out["values"][m], "value_mask": vm, "scores": scores.masked_fill(~vm, PAD_SCORE)}
-
-
-def match_losses(out: dict, batch: dict, cfg: MatchTrainConfig, generator: torch.Generator | None = None,
-                 terms: tuple[str, ...] | None = None) -> dict:
-    """``{"loss", "triplet", "ccr", "ccs", "ica"}`` (module doc). ``terms`` forces extra terms to be
-    computed (and logged) even at weight 0; by default only weighted terms are computed."""
-    terms = set(terms or ()) | {t for t in ("ccr", "ccs", "ica") if getattr(cfg, t) > 0}
-    res = {"triplet": hardest_negative_triplet(out["sim"], cfg.margin, image_ids=batch["txt_img"])}
-    if terms:
-        if "query" not in out:
-            raise ValueError("CCR/CCS/ICA need the word->region attention (SCAN t2i or MMCA)")
-        v = word_views(out, batch)
-        if "ccr" in terms:
-            res["ccr"] = ccr_loss(v["q"], v["values"], v["w"], cfg.gamma_r, v["value_mask"])
-        if "ccs" in terms:
-            attended = torch.einsum("nr,nrd->nd", v["w"], v["values"])
-            res["ccs"] = ccs_loss(v["q"], attended, batch["match_txt"], cfg.gamma_s, generator)
-        if "ica" in terms:
-            has = batch["match_has_ref"]
-            res["ica"] = lovasz_hinge(v["scores"][has], batch["match_labels"][has].to(v["scores"].device))
-    res["loss"] = res["triplet"] + sum(getattr(cfg, t) * res[t] for t in ("ccr", "ccs", "ica") if t in res)
-    return res
-
-
 # ---------------------------------------------------------------------------------------- data setup
 class TextEncoder:
-    """Frozen BERT for MMCA batches that have no cached outputs: adds ``words/word_mask/offsets``."""
+    """Frozen BERT for MMCA/SLAN batches that have no cached outputs: adds ``words/word_mask/offsets``."""
 
     def __init__(self, bert, max_len: int, device):
         self.tokenizer, self.model = load_bert(bert, device=device)
@@ -240,27 +138,30 @@ class TextEncoder:
             h, m, o = encode_tokens(batch["texts"], self.tokenizer, self.model, self.max_len, self.device,
                                     out_device="cpu")
             batch.update(words=h, word_mask=m, offsets=o)
-            resolve_positions(batch, "mmca")
+            resolve_positions(batch, "mmca")  # BERT pieces, as for SLAN
         return batch
 
 
-def region_stats(store: str, rows: np.ndarray, max_rows: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-dimension mean and std of the valid region features of (up to ``max_rows`` evenly spaced) rows."""
+def region_stats(store: str, rows: np.ndarray, max_rows: int = 2048,
+                 path: str = "regions/feats") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and std of the valid region features (``path="grid/feats"``: of every grid
+    cell) of (up to ``max_rows`` evenly spaced) rows."""
     rows = rows[np.linspace(0, len(rows) - 1, min(len(rows), max_rows)).round().astype(int)]
     s1 = s2 = None
     n = 0
     with open_backend(store, "r") as be:
         for s in range(0, len(rows), 256):
             part = rows[s:s + 256]
-            feats = torch.from_numpy(np.asarray(be.read("regions/feats", part))).double()
-            count = torch.from_numpy(np.asarray(be.read("regions/count", part)))
+            feats = torch.from_numpy(np.asarray(be.read(path, part))).double()
+            count = (torch.from_numpy(np.asarray(be.read("regions/count", part))) if path == "regions/feats"
+                     else torch.full((len(part),), feats.shape[1]))
             valid = torch.arange(feats.shape[1])[None] < count[:, None]
             f = feats[valid]
             s1 = f.sum(0) if s1 is None else s1 + f.sum(0)
             s2 = f.pow(2).sum(0) if s2 is None else s2 + f.pow(2).sum(0)
             n += f.shape[0]
     if n == 0:
-        raise ValueError(f"store {store}: no regions to compute feature statistics from")
+        raise ValueError(f"store {store}: no {path} rows to compute feature statistics from")
     mean = s1 / n
     std = (s2 / n - mean.pow(2)).clamp_min(0).sqrt()
     return mean.float(), std.clamp_min(1e-3 * float(std.max()) + 1e-12).float()  # constant dims: no blow-up
@@ -286,6 +187,18 @@ def make_dataset(cfg: MatchTrainConfig, split: str, vocab: Vocab | None, caption
                         inside_threshold=cfg.inside_threshold, cache_blocks=cfg.window_blocks)
 
 
+def visual_dim(cfg: MatchTrainConfig) -> int:
+    """Width of the features the model reads: region features, or (SLAN) grid features."""
+    with open_backend(cfg.store, "r") as be:
+        layout = be.layout
+    if cfg.model == "slan":
+        if "grid" not in layout.groups:
+            raise ValueError(f"store {cfg.store} has no 'grid' group: SLAN pools its regions from the grid "
+                             "feature map (extract with groups including grid, features.grid_size >= 7)")
+        return layout.capacities.grid_dim
+    return layout.capacities.region_dim
+
+
 def text_dim(cfg: MatchTrainConfig, encoder: TextEncoder | None) -> int:
     if cfg.text_cache:
         return int(check_text_cache(cfg.text_cache, cfg.store)["text_encoder"]["hidden_size"])
@@ -303,6 +216,8 @@ def similarity(net: MatchNet, data: dict, device, rerank_top: int = 0, block: in
     was = net.training
     net.eval()
     try:
+        if net.kind == "slan":
+            return {"sim": slan_train.slan_similarity(net, data, device, block)}
         regions, rmask = data["regions"], data["region_mask"]
         if net.kind == "scan":
             img = torch.cat([net.net.encode_image(net.regions(regions[s:s + 256].to(device)))
@@ -351,19 +266,20 @@ def train_match(cfg: MatchTrainConfig, run_dir, resume: bool = True) -> dict:
         _check_resume(run, cfg)
     state = run.load_checkpoint("last") if existed else None
     torch.manual_seed(cfg.seed)
-    with open_backend(cfg.store, "r") as be:
-        region_dim = be.layout.capacities.region_dim
-    encoder = TextEncoder(cfg.bert, cfg.text_len, device) if cfg.model == "mmca" and not cfg.text_cache else None
+    region_dim = visual_dim(cfg)
+    bert_text = cfg.model in ("mmca", "slan")
+    encoder = TextEncoder(cfg.bert, cfg.text_len, device) if bert_text and not cfg.text_cache else None
     vocab = None
     if cfg.model == "scan":
         vocab = Vocab.from_dict(json.loads((run.path / "vocab.json").read_text())) if existed else build_vocab(cfg)
-    args = model_args(cfg, region_dim, len(vocab) if vocab else 0, text_dim(cfg, encoder) if cfg.model == "mmca" else 0)
+    args = model_args(cfg, region_dim, len(vocab) if vocab else 0, text_dim(cfg, encoder) if bert_text else 0)
     net = MatchNet(**args)
     if cfg.region_norm:
-        net.feat_mean, net.feat_std = region_stats(cfg.store, split_rows(cfg.store, cfg.train_split))
+        net.feat_mean, net.feat_std = region_stats(cfg.store, split_rows(cfg.store, cfg.train_split),
+                                                   path="grid/feats" if cfg.model == "slan" else "regions/feats")
     net = net.to(device)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    gen = torch.Generator().manual_seed(cfg.seed)  # CCS derangements
+    gen = torch.Generator().manual_seed(cfg.seed)  # CCS derangements, SLAN's ITM negatives
     attention = cfg.ccr > 0 or cfg.ccs > 0 or cfg.ica > 0
     train_ds = make_dataset(cfg, cfg.train_split, vocab, cfg.captions, labels=cfg.ica > 0)  # region labels: ICA only
     loader, sampler = match_loader(train_ds, cfg.batch_size, seed=cfg.seed, window_blocks=cfg.window_blocks,
@@ -413,12 +329,15 @@ def train_match(cfg: MatchTrainConfig, run_dir, resume: bool = True) -> dict:
         net.train()
         for batch in loader:
             batch = to_device(encoder(batch) if encoder else batch, device)
-            res = match_losses(model(batch, attention=attention), batch, cfg, gen)
+            out = model(batch, attention=attention)
+            res = match_losses(out, batch, cfg, gen, queue=net.net.queue if net.kind == "slan" else None)
             opt.zero_grad(set_to_none=True)
             res["loss"].backward()
             if cfg.grad_clip > 0:
                 nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
             opt.step()
+            if net.kind == "slan":
+                slan_train.after_step(net, out, batch)
             batches, step = batches + 1, step + 1
             if is_main() and (step % cfg.log_every == 0 or batches == 1):
                 run.log(step=step, epoch=epoch, lr=opt.param_groups[0]["lr"],
@@ -449,8 +368,8 @@ def train_match(cfg: MatchTrainConfig, run_dir, resume: bool = True) -> dict:
 
 def _curves(run: RunDir) -> None:
     recs = run.metrics()
-    plot_curves([r for r in recs if "loss" in r], ["loss", "triplet", "ccr", "ccs", "ica"], run.figures / "loss.png",
-                title=run.path.name)
+    plot_curves([r for r in recs if "loss" in r], ["loss", "triplet", "itc", "itm", "reg", "ccr", "ccs", "ica"],
+                run.figures / "loss.png", title=run.path.name)
     plot_curves([r for r in recs if "val_rsum" in r], ["val_rsum", "val_i2t_r1", "val_t2i_r1"],
                 run.figures / "val.png", x="epoch", title=run.path.name)
 
