@@ -355,7 +355,7 @@ def experiment_match_cmd(
 @app.command("demo")
 def demo_cmd(
     out: Path = typer.Option(Path("demo"), help="Working directory for the demo's dataset, store and runs."),
-    images: int = typer.Option(240, help="Synthetic images."),
+    images: int = typer.Option(200, help="Synthetic images."),
     device: str = typer.Option("cpu", help="cpu | cuda."),
 ):
     """The whole pipeline on the built-in synthetic dataset: generate, extract, inspect, train, evaluate."""

@@ -89,12 +89,20 @@ def pickle_hazards(source: str, filename: str) -> list[str]:
     return sorted(set(found))
 
 
-def package_sources() -> list[Path]:
+def package_sources(suffix: str = ".py") -> list[Path]:
     out = []
     for dirpath, dirnames, filenames in os.walk(ROOT):
-        dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS and not d.endswith(".egg-info")]
-        out += [Path(dirpath, f) for f in filenames if f.endswith(".py")]
+        dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS and not d.endswith(".egg-info")
+                       and not d.startswith(".ipynb")]
+        out += [Path(dirpath, f) for f in filenames if f.endswith(suffix)]
     return sorted(out)
+
+
+def notebook_code(path: Path) -> str:
+    """A notebook's code cells as one Python source (IPython magics and shell lines dropped)."""
+    cells = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+    lines = "".join("".join(c["source"]) + "\n" for c in cells).splitlines()
+    return "\n".join(line for line in lines if not line.lstrip().startswith(("%", "!")))
 
 
 def test_the_hazard_finder_finds_every_pattern():
@@ -115,6 +123,9 @@ def test_no_pickle_anywhere_in_the_package_source():
     assert {"cli.py", "storage/writer.py", "pipeline/runs.py", "bench/stream.py"} <= rel, sorted(rel)[:20]
     assert not any(r.startswith(("tests/", ".venv/")) for r in rel)
     hazards = [h for p in files for h in pickle_hazards(p.read_text(), str(p.relative_to(ROOT)))]
+    notebooks = package_sources(".ipynb")  # the examples users copy from
+    assert notebooks, "no example notebook found"
+    hazards += [h for p in notebooks for h in pickle_hazards(notebook_code(p), str(p.relative_to(ROOT)))]
     assert hazards == [], "code that could unpickle:\n" + "\n".join(hazards)
     # the checker is live on this code base: it sees the weights-only loads that are there
     sites = [p for p in files if "torch.load(" in p.read_text()]

@@ -191,3 +191,22 @@ def test_slan_ablation_writes_a_table(synth, cache, tmp_path):
     assert "inside after" in md and "rsum" in md
     frozen = next(r for r in res["rows"] if r["variant"].startswith("frozen"))
     assert frozen["box_moved"] == 0.0 and frozen["box_iou_before"] == frozen["box_iou_after"]
+
+
+def test_ccr_ccs_ica_terms_reach_slan_through_its_attention(synth, cache):
+    from vlcache.stages.train.match_model import match_losses, model_args
+    cfg = MatchTrainConfig(store=synth, text_cache=cache, ccr=1, ccs=1, ica=1, **TINY)
+    ds = MatchDataset(synth, kind="slan", text_cache=cache, split="train")
+    b = ds[ds.rows[:8]]
+    torch.manual_seed(0)
+    net = MatchNet(**model_args(cfg, 2048, 0, 384))
+    out = net(b)
+    assert out["weights"].shape == (8, b["words"].shape[1], b["region_mask"].shape[1])
+    assert torch.allclose(out["weights"].sum(-1)[b["word_mask"]], torch.ones(()))  # rows over kept regions
+    res = match_losses(out, b, cfg, torch.Generator().manual_seed(0), queue=net.net.queue)
+    assert set(res) == {"loss", "itc", "itm", "reg", "ccr", "ccs", "ica"} and "triplet" not in res
+    for term in ("itc", "itm", "reg", "ccr", "ccs", "ica"):
+        assert torch.isfinite(res[term]) and float(res[term].detach()) > 0, term
+        grad, = torch.autograd.grad(res[term], net.net.sal_q.weight, retain_graph=True, allow_unused=True)
+        assert term == "reg" or (grad is not None and grad.abs().sum() > 0), term  # the filter learns from each
+    assert torch.allclose(res["loss"], sum(res[t] for t in ("itc", "itm", "reg", "ccr", "ccs", "ica")))

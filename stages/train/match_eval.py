@@ -32,10 +32,10 @@ import torch
 from ...pipeline.runs import RunDir
 from ...storage.backends import open_backend
 from ...storage.store import open_store
+from . import slan_train
 from .attention_metrics import attention_prf
 from .caption_data import store_fingerprint
 from .distributed import resolve_device
-from . import slan_train
 from .entities import entity_queries
 from .match_data import load_split, pair_batch
 from .match_train import TextEncoder, load_match_run, make_dataset, similarity
@@ -126,7 +126,8 @@ def evaluate_match(run_dir, split: str = "test", rerank_top: int | None = None, 
     if cfg.model == "slan":  # the same weights, plus each word's highest-matching region before/after adaptation
         boxes = slan_train.word_boxes(net, data, data["match_txt"][has], data["match_pos"][has], dev)
         weights = boxes["weights"]
-        loc = slan_train.localisation(store_view, data, has.nonzero().squeeze(1), boxes, cfg.ica_score_threshold)
+        loc = slan_train.localisation(store_view, data, has.nonzero().squeeze(1), boxes, cfg.ica_score_threshold,
+                                      keep_masks=figures)
         scores.update(loc["summary"])
     else:
         weights = query_attention(net, data, data["match_txt"][has], data["match_pos"][has], dev)

@@ -31,6 +31,7 @@ from torch import nn
 
 from . import slan_train
 from .losses import ccr_loss, ccs_loss, hardest_negative_triplet, lovasz_hinge
+from .match_data import KINDS
 from .mmca import MMCA
 from .scan import SCAN
 from .slan import SLAN
@@ -39,7 +40,6 @@ if TYPE_CHECKING:
     from .match_train import MatchTrainConfig
 
 PAD_SCORE = -100.0
-KINDS = ("scan", "mmca", "slan")
 
 
 def model_args(cfg: MatchTrainConfig, region_dim: int, vocab_size: int = 0, text_dim: int = 0) -> dict:

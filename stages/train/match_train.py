@@ -24,11 +24,11 @@ from torch import nn
 from ...pipeline.config import from_dict, to_dict
 from ...pipeline.runs import RunDir, plot_curves
 from ...storage.backends import open_backend
+from . import slan_train
 from .caption_data import split_rows, store_fingerprint, train_tokens
 from .distributed import barrier, broadcast_object, init_distributed, is_main, resolve_device, wrap_model
-from .match_data import MatchDataset, load_split, match_loader, resolve_positions
-from .match_model import KINDS, MatchNet, match_losses, model_args
-from . import slan_train
+from .match_data import KINDS, MatchDataset, load_split, match_loader, resolve_positions
+from .match_model import MatchNet, match_losses, model_args
 from .retrieval import recall_at_k
 from .text_cache import check_text_cache
 from .text_encoders import encode_tokens, load_bert
