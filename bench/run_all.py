@@ -136,13 +136,15 @@ def run_step(step: Step, args, limit_s: float, json_path: Path) -> Outcome:
 # ---------------------------------------------------------------------------------------- parsers
 def parse_stream(text: str, _: dict) -> dict:
     table = {}
-    for m in re.finditer(r"^(store|npz|ram|ram-gather)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+) MiB(?:\s+(\d+) MiB)?", text, re.M):
+    row = r"^(store|npz|ram|ram-gather)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+) MiB(?:\s+(\d+) MiB)?"
+    for m in re.finditer(row, text, re.M):
         kind, w, rows = m.group(1), int(m.group(2)), int(m.group(3))
         table[f"{kind}/w{w}/{rows}"] = {"samples_per_s": num(m.group(4)), "rss_main_mb": num(m.group(5)),
                                        "rss_worker_mb": num(m.group(6)) if m.group(6) else None}
     ratios = {}
     pat = (r"workers=(\d+): store/npz = " + NUM + r"x .*?store/in-RAM = " + NUM + r"x .*?store/in-RAM gather = " + NUM
-           + r"x; store peak RSS (\d+) -> (\d+) MiB \(main\)(?:, (\d+) -> (\d+) MiB \(worker\))? for (\d+) -> (\d+) rows")
+           + r"x; store peak RSS (\d+) -> (\d+) MiB \(main\)(?:, (\d+) -> (\d+) MiB \(worker\))?"
+           + r" for (\d+) -> (\d+) rows")
     for m in re.finditer(pat, text):
         g = m.groups()
         ratios[int(g[0])] = {"store_vs_npz": num(g[1]), "store_vs_ram": num(g[2]), "store_vs_ram_gather": num(g[3]),
@@ -340,7 +342,8 @@ def markdown(info: dict, rows: list[dict], outcomes: dict[str, Outcome], total_s
            f"{info['load_avg_start'][0]}, at end {info['load_avg_end'][0]} (a shared machine makes times noisy; "
            "every figure below is a ratio measured side by side in one run).", "",
            "| section | measure | value | target | result |", "|---|---|---|---|---|"]
-    out += [f"| {r['section']} | {r['measure'].strip()} | {r['value']} | {r['target']} | {mark[r['met']]} |" for r in rows]
+    out += [f"| {r['section']} | {r['measure'].strip()} | {r['value']} | {r['target']} | {mark[r['met']]} |"
+            for r in rows]
     out += ["", "## Steps", "", "| step | status | seconds | data | command |", "|---|---|---|---|---|"]
     for step in STEPS:
         o = outcomes.get(step.name)

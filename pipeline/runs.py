@@ -58,7 +58,16 @@ class RunDir:
     def metrics(self) -> list[dict]:
         if not self.metrics_path.is_file():
             return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        lines = [line for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        records = []
+        for k, line in enumerate(lines):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if k == len(lines) - 1:  # a kill mid-append leaves at most a partial last line
+                    break
+                raise ValueError(f"{self.metrics_path}: line {k + 1} is not JSON") from None
+        return records
 
     def truncate_metrics(self, keep: callable) -> None:
         """Keep only records for which ``keep(record)`` is true (used when resuming from a checkpoint,

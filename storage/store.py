@@ -14,8 +14,15 @@ import numpy as np
 
 from .backends import Backend, open_backend
 from .errors import StoreError
-from .masks import grid_coverage, merged_grid_coverage, paste_masks, resize_masks
 from .schema import SPLITS, split_code
+
+
+def _masks():
+    """storage.masks, imported on first use: it needs torch (seconds to import), which opening a store
+    and reading captions should not pay."""
+    from . import masks
+
+    return masks
 
 __all__ = ["Store", "open_store", "RowNotDoneError"]
 
@@ -214,12 +221,12 @@ class Store:
         inst = self.instances(i)
         hw = self.hw(i)
         if isinstance(size, str) and size == "image":
-            return paste_masks(inst["boxes"], inst["masks"], hw)
+            return _masks().paste_masks(inst["boxes"], inst["masks"], hw)
         if isinstance(size, str) and size == "grid":
-            return grid_coverage(inst["boxes"], inst["masks"], hw, self.layout.capacities.grid_size)
+            return _masks().grid_coverage(inst["boxes"], inst["masks"], hw, self.layout.capacities.grid_size)
         if isinstance(size, str) or len(size) != 2:
             raise ValueError(f"size must be 'image', 'grid' or (h, w), got {size!r}")
-        return resize_masks(inst["boxes"], inst["masks"], hw, size)
+        return _masks().resize_masks(inst["boxes"], inst["masks"], hw, size)
 
     # ----------------------------------------------------------------------------------------- matches
     def matches(self, i, c: int) -> list[dict]:
@@ -265,14 +272,14 @@ class Store:
         keep = (inst["labels"] == match["label"]) & (inst["scores"] >= score_threshold)
         boxes, masks, hw = inst["boxes"][keep], inst["masks"][keep], self.hw(k)
         if isinstance(size, str) and size == "grid":
-            return merged_grid_coverage(boxes, masks, hw, self.layout.capacities.grid_size)
+            return _masks().merged_grid_coverage(boxes, masks, hw, self.layout.capacities.grid_size)
         if isinstance(size, str) and size == "image":
             out_hw = hw
         elif not isinstance(size, str) and len(size) == 2:
             out_hw = tuple(int(s) for s in size)
         else:
             raise ValueError(f"size must be 'image', 'grid' or (h, w), got {size!r}")
-        return (resize_masks(boxes, masks, hw, out_hw) >= 0.5).any(axis=0) if len(boxes) else np.zeros(out_hw, bool)
+        return (_masks().resize_masks(boxes, masks, hw, out_hw) >= 0.5).any(axis=0) if len(boxes) else np.zeros(out_hw, bool)
 
     # ---------------------------------------------------------------------------------------- features
     def regions(self, i) -> dict:
@@ -339,7 +346,7 @@ def _render(store: Store, k: int, caption: int, word, ax, score_threshold: float
             keep &= inst["labels"] == chosen["label"]
         sel = np.flatnonzero(keep)
         sel = sel[np.argsort(inst["scores"][sel])]  # highest score drawn last, on top
-        probs = paste_masks(inst["boxes"][sel], inst["masks"][sel], (h, w))
+        probs = _masks().paste_masks(inst["boxes"][sel], inst["masks"][sel], (h, w))
         overlay = np.zeros((h, w, 4), np.float32)
         for p, j in zip(probs, sel):
             col = _class_color(inst["labels"][j])

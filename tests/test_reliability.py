@@ -170,8 +170,9 @@ class Zygote:
     def __init__(self, folder: Path):
         (folder / "zygote.py").write_text(ZYGOTE)
         self.log = folder / "lives.log"
+        # its own process group: on a failed test, close() ends the zygote and any live child at once
         self.proc = subprocess.Popen([sys.executable, str(folder / "zygote.py")], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, cwd=ROOT)
+                                     stdout=subprocess.PIPE, cwd=ROOT, start_new_session=True)
         self.buf = b""
 
     def _next(self, timeout: float) -> dict | None:
@@ -212,7 +213,11 @@ class Zygote:
 
     def close(self):
         self.proc.stdin.close()
-        self.proc.wait(timeout=30)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # a child still running (the test failed mid-life)
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
 
 
 def assert_whole_blocks(done: np.ndarray, block: int) -> None:

@@ -29,7 +29,6 @@ import h5py
 import numpy as np
 import pytest
 import torch
-import zarr
 from PIL import Image
 from synth_store import make_synth_store
 

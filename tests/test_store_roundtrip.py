@@ -194,7 +194,8 @@ def test_zarr_metadata_is_consolidated(tmp_path):
     assert {s.path for s in LAYOUT.specs()} <= set(consolidated)
     assert root["attributes"]["complete"] is True and root["attributes"]["statistics"]["rows"] == 23
     codecs = [c["name"] for c in consolidated["regions/feats"]["codecs"]]
-    assert codecs == ["bytes", "zstd", "crc32c"]
+    assert codecs == ["bytes", "blosc", "crc32c"]  # float16 features: shuffled LZ4 (fast decode)
+    assert [c["name"] for c in consolidated["instances/masks"]["codecs"]] == ["bytes", "zstd", "crc32c"]
     assert [c["name"] for c in consolidated["captions/text"]["codecs"]] == ["vlen-utf8", "zstd", "crc32c"]
     assert consolidated["regions/feats"]["chunk_grid"]["configuration"]["chunk_shape"] == [4, 5, 8]
 

@@ -156,19 +156,21 @@ def localisation(store, data: dict, idx: torch.Tensor, boxes: dict, score_thresh
 
 
 def box_figure(image: np.ndarray, before: np.ndarray, after: np.ndarray, mask: np.ndarray | None, title: str):
-    """A matplotlib Figure (no pyplot): the image, the word's merged mask tinted green, its highest-matching
-    region's detector box (cyan, dashed) and adapted box (red, solid), an arrow between their centres."""
+    """A matplotlib Figure (no pyplot): the image, the word's merged mask tinted and outlined in green, its
+    highest-matching region's detector box (cyan, dashed) and adapted box (red, solid), an arrow between
+    their centres."""
     from matplotlib.figure import Figure
     from matplotlib.patches import FancyArrowPatch, Rectangle
 
     h, w = image.shape[:2]
-    fig = Figure(figsize=(4.2, 4.2 * h / w + 0.9), dpi=100)
+    fig = Figure(figsize=(4.2, 4.2 * h / w + 0.7), dpi=100)
     ax = fig.add_subplot(1, 1, 1)
     ax.imshow(image)
     if mask is not None and mask.any():
         tint = np.zeros((*mask.shape, 4), np.float32)
         tint[mask] = (0.1, 0.9, 0.2, 0.35)
         ax.imshow(tint)
+        ax.contour(mask.astype(np.float32), levels=[0.5], colors=[(0.2, 1.0, 0.2)], linewidths=1.2)
     for box, colour, style, label in ((before, (0.1, 0.9, 1.0), "--", "before"), (after, (1.0, 0.15, 0.1), "-", "after")):
         x1, y1, x2, y2 = (float(v) for v in box)
         ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=colour, ls=style, lw=2, label=label))
