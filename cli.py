@@ -352,6 +352,24 @@ def experiment_match_cmd(
     typer.echo(res.get("table", "") if isinstance(res, dict) else str(res))
 
 
+@experiment_app.command("slan")
+def experiment_slan_cmd(
+    store: str = typer.Option(..., help="Store with grid features (G >= 7) and region boxes."),
+    text_cache: Optional[str] = typer.Option(None, help="Text cache store (vlcache store text-cache)."),
+    seeds: int = typer.Option(3),
+    name: str = typer.Option("slan-ablation"),
+    runs_root: Path = typer.Option(Path("runs")),
+    config: Optional[Path] = typer.Option(None, help=CONFIG_HELP),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+):
+    """SLAN: frozen boxes vs 1, 2, 3 adaptor levels, and the filter threshold on/off (seed 003, Tables 5-6)."""
+    from .stages.train.slan_train import run_slan_ablation
+
+    res = _run_guarded(run_slan_ablation, store, seeds, name=name, runs_root=runs_root, config_file=config,
+                       options={"text_cache": text_cache}, overrides=set_)
+    typer.echo(res.get("table", "") if isinstance(res, dict) else str(res))
+
+
 @app.command("demo")
 def demo_cmd(
     out: Path = typer.Option(Path("demo"), help="Working directory for the demo's dataset, store and runs."),

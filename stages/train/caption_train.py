@@ -217,6 +217,9 @@ def train_caption(cfg: CaptionTrainConfig, run_dir, resume: bool = True, progres
     best = {"score": -math.inf, "epoch": -1, "bad_epochs": 0}
     stopped_early = False
     if last is not None:
+        if int(last["world_size"]) != dist.world_size and int(last["sampler"]["position"]) > 0:
+            raise ConfigError(f"run {run.path} stopped mid-epoch with {last['world_size']} rank(s); resume it with "
+                              f"the same number (now {dist.world_size}), or from an epoch-end checkpoint")
         model.load_state_dict(last["model"])
         optimizer.load_state_dict(last["optimizer"])
         epoch, step, best = int(last["epoch"]), int(last["step"]), dict(last["best"])
@@ -243,7 +246,7 @@ def train_caption(cfg: CaptionTrainConfig, run_dir, resume: bool = True, progres
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": model_args,
                 "vocab": vocab.to_dict(), "sampler": sampler.state_dict(position=position), "epoch": epoch,
                 "step": step, "rng": _rng_state(device), "best": best, "stopped_early": stopped_early,
-                "metric_records": logged, "lanes": lanes, "config": to_dict(cfg), "store_fingerprint": fingerprint})
+                "metric_records": logged, "lanes": lanes, "world_size": dist.world_size, "config": to_dict(cfg), "store_fingerprint": fingerprint})
 
     steps_per_epoch = math.ceil(sampler.num_samples / cfg.batch_images)
     interrupted = False

@@ -135,6 +135,12 @@ def format_table(rows: list[dict], metrics: Sequence[str] | None = None, *, base
     return "\n".join(lines)
 
 
+def _chance(rows: list[dict]) -> float:
+    vals = [_number(r.get("attn_correctness_uniform")) for r in rows]
+    vals = [v for v in vals if v is not None]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
 def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "variant"
 
@@ -194,7 +200,8 @@ def run_ica_experiment(store: str, seeds: int = 3, *, name: str = "ica", runs_ro
           f"- +ICA: ica_weight {ica_weight}, score threshold {base.ica_score_threshold}, cell threshold "
           f"{base.ica_cover_threshold}; both: epochs {base.epochs}, batch {base.batch_images} images, lr {base.lr}, "
           f"embed/attn/hidden {base.embed_dim}/{base.attn_dim}/{base.hidden_dim}, beam {base.beam_size}",
-          "- attention metrics: METHODS.md section 8, teacher-forced on the ground-truth captions",
+          "- attention metrics: METHODS.md section 8, teacher-forced on the ground-truth captions; chance level "
+          f"(uniform attention) of the correctness: {_chance(rows):.4f}",
           *[f"- {n}" for n in notes], "", "## Runs", "",
           "| variant | seed | run | CIDEr | Attn corr. |", "|---|---|---|---|---|",
           *[f"| {r['variant']} | {r['seed']} | `{r['run']}` | {r.get('CIDEr', float('nan')):.4f} | "
