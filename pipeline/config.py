@@ -72,8 +72,21 @@ def parse_overrides(pairs: list[str] | None) -> dict:
         *parents, leaf = key.strip().split(".")
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+        node[leaf] = _scalar(raw)
     return out
+
+
+def _scalar(raw: str):
+    """A ``--set`` value as YAML, except that ``1e-4`` is a float (YAML 1.1 would read a string)."""
+    if not raw.strip():
+        return ""
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def load_config(cls: type[T], file: str | Path | None = None, options: dict | None = None,
