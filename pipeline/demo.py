@@ -73,8 +73,8 @@ def run_demo(out: str | Path = "demo", n_images: int = 200, device: str = "cpu")
 # Small models so the demo trains in minutes on two CPU cores; the method is the paper's, the sizes are not.
 DEMO_CAPTION = ["epochs=4", "batch_images=16", "embed_dim=128", "attn_dim=128", "hidden_dim=128",
                 "dropout=0.3", "num_workers=1", "patience=0", "checkpoint_every=0", "log_every=10"]
-DEMO_MATCH = ["epochs=6", "batch_size=32", "embed=256", "word_dim=128", "region_norm=true", "lr_decay_epoch=5",
-              "captions=all", "num_workers=0"]
+DEMO_MATCH = ["epochs=12", "batch_size=16", "embed=256", "word_dim=128", "region_norm=true", "lr=5e-4",
+              "lr_decay_epoch=10", "captions=one", "num_workers=0"]
 
 
 def train_demo_captioners(url: str, out: Path, device: str) -> str:

@@ -308,27 +308,15 @@ ABLATION_LABELS = {"i2t_r1": "i→t R@1", "i2t_r5": "i→t R@5", "i2t_r10": "i�
                    "t2i_r5": "t→i R@5", "t2i_r10": "t→i R@10", "rsum": "rsum"}
 
 
-def run_match_ablation(store: str, model: str = "scan", seeds: int = 3, *, name: str | None = None,
-                       runs_root="runs", config_file=None, options: dict | None = None,
-                       overrides: list[str] | None = None, split: str = "test", variants: dict | None = None,
-                       weight: float | None = None, figures: int = 2) -> dict:
-    """Baseline, +CCR, +CCS, +CCR+CCS, +ICA (``ABLATION_VARIANTS``; ``weight`` replaces their 1.0), each
-    with ``seeds`` seeds (config seed, +1, ...), trained and evaluated on ``split``; the table (mean ± sample
-    std, paired Δ against the baseline) goes to ``runs_root/name/ablation.md`` and ``ablation.json``.
-    Finished runs and evaluations are reused, so an interrupted experiment resumes."""
+def ablation_rows(base, variants: dict, seeds: int, root: Path, split: str, figures: int) -> tuple[list, list]:
+    """Train (or reuse) and evaluate every variant x seed of a matching ablation under ``root``.
+
+    A run whose scores are newer than its best checkpoint is not re-evaluated, so an interrupted
+    ablation resumes where it stopped. Returns (seeds, rows for experiment.format_table)."""
     import dataclasses
 
-    from ...pipeline.config import load_config, to_dict
-    from .experiment import _slug, format_table, paired_deltas, run_ablation, summarize
-    from .match_train import MatchTrainConfig, train_match
-
-    if seeds < 1:
-        raise ValueError(f"seeds must be >= 1, got {seeds}")
-    base = load_config(MatchTrainConfig, config_file, {**(options or {}), "store": store, "model": model}, overrides)
-    variants = variants or {k: {t: (w if weight is None or w == 0 else weight) for t, w in v.items()}
-                            for k, v in ABLATION_VARIANTS.items()}
-    root = Path(runs_root) / (name or f"{model}-ablation")
-    root.mkdir(parents=True, exist_ok=True)
+    from .experiment import _slug, run_ablation
+    from .match_train import train_match
 
     def train_fn(variant: str, ov: dict, seed: int) -> Path:
         run_dir = root / f"{_slug(variant)}-seed{seed}"
@@ -342,7 +330,30 @@ def run_match_ablation(store: str, model: str = "scan", seeds: int = 3, *, name:
         return evaluate_match(run_dir, split, figures=figures, device=base.device)
 
     seed_list = [base.seed + k for k in range(seeds)]
-    rows = run_ablation(variants, seed_list, train_fn, eval_fn)
+    return seed_list, run_ablation(variants, seed_list, train_fn, eval_fn)
+
+
+def run_match_ablation(store: str, model: str = "scan", seeds: int = 3, *, name: str | None = None,
+                       runs_root="runs", config_file=None, options: dict | None = None,
+                       overrides: list[str] | None = None, split: str = "test", variants: dict | None = None,
+                       weight: float | None = None, figures: int = 2) -> dict:
+    """Baseline, +CCR, +CCS, +CCR+CCS, +ICA (``ABLATION_VARIANTS``; ``weight`` replaces their 1.0), each
+    with ``seeds`` seeds (config seed, +1, ...), trained and evaluated on ``split``; the table (mean ± sample
+    std, paired Δ against the baseline) goes to ``runs_root/name/ablation.md`` and ``ablation.json``.
+    Finished runs and evaluations are reused, so an interrupted experiment resumes."""
+    from ...pipeline.config import load_config, to_dict
+    from .experiment import format_table, paired_deltas, summarize
+    from .match_train import MatchTrainConfig
+
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
+    base = load_config(MatchTrainConfig, config_file, {**(options or {}), "store": store, "model": model}, overrides)
+    variants = variants or {k: {t: (w if weight is None or w == 0 else weight) for t, w in v.items()}
+                            for k, v in ABLATION_VARIANTS.items()}
+    root = Path(runs_root) / (name or f"{model}-ablation")
+    root.mkdir(parents=True, exist_ok=True)
+
+    seed_list, rows = ablation_rows(base, variants, seeds, root, split, figures)
     baseline = next(iter(variants))
     table = format_table(rows, ABLATION_METRICS, baseline=baseline, labels=ABLATION_LABELS, digits=2)
     md = [f"# Matching ablation: {root.name}", "",

@@ -28,7 +28,6 @@ levels, and 3 levels without the filter threshold (the top T by saliency), each 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -240,9 +239,9 @@ def run_slan_ablation(store: str, seeds: int = 3, *, name: str = "slan-ablation"
     paired Δ against frozen boxes) goes to ``runs_root/name/ablation.md`` and ``ablation.json``; finished
     runs and evaluations are reused, so an interrupted experiment resumes."""
     from ...pipeline.config import load_config, to_dict
-    from .experiment import _slug, format_table, paired_deltas, run_ablation, summarize
-    from .match_eval import evaluate_match
-    from .match_train import MatchTrainConfig, train_match
+    from .experiment import format_table, paired_deltas, summarize
+    from .match_eval import ablation_rows
+    from .match_train import MatchTrainConfig
 
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
@@ -257,19 +256,7 @@ def run_slan_ablation(store: str, seeds: int = 3, *, name: str = "slan-ablation"
     root = Path(runs_root) / name
     root.mkdir(parents=True, exist_ok=True)
 
-    def train_fn(variant: str, ov: dict, seed: int) -> Path:
-        run_dir = root / f"{_slug(variant)}-seed{seed}"
-        train_match(dataclasses.replace(base, seed=seed, **ov), run_dir, resume=True)
-        return run_dir
-
-    def eval_fn(run_dir: Path) -> dict:
-        scores, ckpt = run_dir / "eval" / f"scores_{split}.json", run_dir / "checkpoints" / "best.pt"
-        if scores.is_file() and ckpt.is_file() and scores.stat().st_mtime >= ckpt.stat().st_mtime:
-            return json.loads(scores.read_text())
-        return evaluate_match(run_dir, split, figures=figures, device=base.device)
-
-    seed_list = [base.seed + k for k in range(seeds)]
-    rows = run_ablation(variants, seed_list, train_fn, eval_fn)
+    seed_list, rows = ablation_rows(base, variants, seeds, root, split, figures)
     baseline = next(iter(variants))
     table = format_table(rows, SLAN_METRICS, baseline=baseline, labels=SLAN_LABELS, digits=2)
     md = [f"# SLAN self-locator ablation: {root.name}", "",
