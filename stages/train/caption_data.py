@@ -22,8 +22,6 @@ threshold is a training option. For every token k of a matched span of caption s
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from dataclasses import dataclass
 
@@ -32,6 +30,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset
 
 from ...storage.backends import open_backend
+from ...storage.fingerprint import fingerprint
 from ...storage.masks import merged_grid_coverage
 from ...storage.streaming import BlockSampler, StoreBatchDataset, good_rows
 from .ica import ica_labels, matched_steps
@@ -53,20 +52,13 @@ def caption_fields(ica: bool) -> list[str]:
 
 
 def store_fingerprint(url, storage_options: dict | None = None) -> str:
-    """The store's ``fingerprint`` attribute, or (absent) a short sha256 of its config + layout attributes.
+    """The store's fingerprint (:func:`vlcache.storage.fingerprint.fingerprint`: the recorded one, or
+    computed from content for a store that has none), so `store info`, `store diff` and training runs agree.
 
     Runs record it in config.yaml so an evaluation can tell that the store it reads is the one the model
     was trained on.
     """
-    backend = open_backend(os.fspath(url), "r", storage_options=storage_options)
-    try:
-        attrs = backend.attrs()
-    finally:
-        backend.close()
-    if attrs.get("fingerprint"):
-        return str(attrs["fingerprint"])
-    blob = json.dumps({"config": attrs.get("config"), "layout": attrs.get("layout")}, sort_keys=True, default=str)
-    return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return fingerprint(os.fspath(url), storage_options)
 
 
 def store_info(url, storage_options: dict | None = None) -> dict:
