@@ -189,7 +189,7 @@ class StoreWriter:
                 f"store {self.url} was created with a different configuration; differing keys: "
                 + "; ".join(problems[:10])
                 + ("; ..." if len(problems) > 10 else "")
-                + ". Pass overwrite=True to recreate it, or write to another url."
+                + ". Pass overwrite=True (`--overwrite` on the command line) to recreate it, or write to another url."
             )
 
     # ------------------------------------------------------------------ state

@@ -295,3 +295,63 @@ def test_distributed_helpers_without_torchrun(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(ValueError, match="WORLD_SIZE='two'"):
         D.init_distributed("cpu")
+
+
+# ---- feature standardisation -------------------------------------------------------------------------
+
+
+def test_grid_feature_stats_equal_numpy_over_the_rows(synth):
+    from vlcache.stages.train.caption_data import grid_feature_stats
+    url = synth[0]
+    rows = split_rows(url, "train")
+    store = open_store(url)
+    feats = np.stack([store.grid(int(r)) for r in rows]).astype(np.float64).reshape(-1, 2048)
+    mean, std = grid_feature_stats(url, rows, max_images=None, chunk=7)  # chunks that straddle blocks
+    np.testing.assert_allclose(mean.numpy(), feats.mean(0), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(std.numpy(), feats.std(0), rtol=1e-4, atol=1e-7)
+    # a subsample reads evenly spaced rows: first and last included
+    few = rows[[0, len(rows) // 2, len(rows) - 1]]
+    sub = np.stack([store.grid(int(r)) for r in few]).astype(np.float64).reshape(-1, 2048)
+    np.testing.assert_allclose(grid_feature_stats(url, rows, max_images=3)[0].numpy(), sub.mean(0), rtol=1e-5,
+                               atol=1e-7)
+    with pytest.raises(ValueError, match="no rows"):
+        grid_feature_stats(url, rows[:0])
+
+
+def test_standardized_model_equals_plain_model_on_standardized_features():
+    from vlcache.stages.train.sat import ShowAttendTell
+    torch.manual_seed(0)
+    feats = torch.rand(3, 4, 6) * torch.tensor([0.01, 1, 5, 0.1, 2, 0.0])  # last channel dead (std 0)
+    mean, std = feats.reshape(-1, 6).mean(0), feats.reshape(-1, 6).std(0, unbiased=False)
+    normed = ShowAttendTell(9, feat_dim=6, embed_dim=4, attn_dim=5, hidden_dim=7, dropout=0.0, feat_norm=True)
+    normed.set_feature_stats(mean, std)
+    plain = ShowAttendTell(9, feat_dim=6, embed_dim=4, attn_dim=5, hidden_dim=7, dropout=0.0)
+    plain.load_state_dict({k: v for k, v in normed.state_dict().items() if k not in ("feat_mean", "feat_std")})
+    caps = torch.randint(3, 9, (3, 5))
+    caps[:, 0] = 1
+    by_hand = (feats - mean) / torch.where(std > 1e-6, std, torch.ones_like(std))
+    assert by_hand[..., 5].abs().max() == 0  # the dead channel is centred, not blown up
+    torch.testing.assert_close(normed(feats, caps)["energies"], plain(by_hand, caps)["energies"])
+    assert normed.beam_search(feats, beam_size=2, max_len=6) == plain.beam_search(by_hand, 2, 6)
+    with pytest.raises(ValueError, match="feat_norm=False"):
+        plain.set_feature_stats(mean, std)
+    with pytest.raises(ValueError, match="6 channels"):
+        normed.set_feature_stats(mean[:5], std[:5])
+
+
+def test_feat_norm_training_saves_statistics_and_evaluation_uses_them(synth, tmp_path):
+    from vlcache.stages.train.caption_data import grid_feature_stats
+    from vlcache.stages.train.caption_eval import load_run_model
+    url = synth[0]
+    cfg = CaptionTrainConfig(store=url, epochs=1, batch_images=8, dropout=0.0, val_max_images=2, feat_norm="standardize",
+                             **TINY)
+    train_caption(cfg, tmp_path / "run", progress=False)
+    model, _, ckpt, config = load_run_model(tmp_path / "run")
+    mean, std = grid_feature_stats(url, split_rows(url, "train"))
+    assert model.feat_norm and config["model"]["feat_norm"] is True
+    torch.testing.assert_close(model.feat_mean, mean)
+    torch.testing.assert_close(model.feat_std, torch.where(std > 1e-6, std, torch.ones_like(std)))
+    with pytest.raises(ValueError, match=r"different config for \['feat_norm'\]"):
+        train_caption(CaptionTrainConfig(**{**cfg.__dict__, "feat_norm": "none"}), tmp_path / "run", progress=False)
+    with pytest.raises(ValueError, match="feat_norm must be"):
+        train_caption(CaptionTrainConfig(**{**cfg.__dict__, "feat_norm": "zscore"}), tmp_path / "x", progress=False)

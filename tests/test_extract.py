@@ -318,6 +318,18 @@ def zoo(tmp_path_factory):
     return root, kinds
 
 
+def test_overwrite_with_several_ranks_is_refused_before_touching_the_store(tmp_path):
+    data = tmp_path / "synth"
+    generate(data, n_images=4, seed=3, size=(64, 64))
+    ds = load_dataset(data / "dataset_synth.json", instances=data / "instances.json")
+    url = str(tmp_path / "s.zarr")
+    extract(ds, url, synth_config(), progress=False)
+    before = open_store(url).attrs["fingerprint"]
+    with pytest.raises(ValueError, match=r"--overwrite with 2 ranks would race: delete .*s\.zarr first"):
+        extract(ds, url, synth_config(), overwrite=True, rank=0, world_size=2, progress=False)
+    assert open_store(url).attrs["fingerprint"] == before and open_store(url).done.all()
+
+
 def test_bad_images_are_recorded_and_the_run_goes_on(zoo, tmp_path):
     root, kinds = zoo
     ds = load_dataset(root / "dataset_flickr8k.json", root / "images", check_images=False)

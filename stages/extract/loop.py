@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ...pipeline.config import to_dict
+from ...pipeline.config import ConfigError, to_dict
 from ...pipeline.records import Dataset, ImageRecord
 from ...storage.provenance import base_attrs
 from ...storage.schema import Capacities, Layout, split_code
@@ -139,6 +139,9 @@ def extract(dataset: Dataset, url: str, cfg: ExtractConfig, *, overwrite: bool =
     """Run stage one over ``dataset`` into the store at ``url`` (created, or resumed)."""
     if rank is None or world_size is None:
         rank, world_size = dist_rank()
+    if overwrite and world_size > 1:  # rank 0 would delete the store while the others open or write it
+        raise ConfigError(f"--overwrite with {world_size} ranks would race: delete {url} first, then start the "
+                          "ranks without --overwrite (they create it afresh)")
     start = time.perf_counter()
     records = select_records(dataset, cfg)
     models = build_models(cfg, dataset, class_words=class_words)

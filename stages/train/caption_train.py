@@ -29,8 +29,8 @@ from tqdm import tqdm
 from ...pipeline.config import ConfigError, to_dict
 from ...pipeline.runs import RunDir, plot_curves
 from . import distributed as D
-from .caption_data import (CaptionBatches, CaptionTransform, caption_loader, split_rows, store_fingerprint,
-                           store_info, train_tokens)
+from .caption_data import (CaptionBatches, CaptionTransform, caption_loader, grid_feature_stats, split_rows,
+                           store_fingerprint, store_info, train_tokens)
 from .caption_eval import decode_split, quick_scores
 from .losses import caption_xent, doubly_stochastic, ica_loss
 from .sat import ShowAttendTell
@@ -57,6 +57,8 @@ class CaptionTrainConfig:
     attn_dim: int = 512
     hidden_dim: int = 512
     dropout: float = 0.5
+    feat_norm: str = "none"  # none | standardize: per-channel (a - mean) / std, statistics of the train split
+    feat_stats_images: int = 2000  # train images the statistics are computed from (evenly spaced)
     beam_size: int = 3
     patience: int = 5  # epochs without a better val CIDEr before stopping; 0 = never stop early
     seed: int = 0
@@ -77,7 +79,7 @@ RESUMABLE_KEYS = {"store", "image_root", "epochs", "patience", "num_workers", "d
 def _model_args(vocab: Vocab, feat_dim: int, cfg: CaptionTrainConfig) -> dict:
     return {"vocab_size": len(vocab), "feat_dim": feat_dim, "embed_dim": cfg.embed_dim, "attn_dim": cfg.attn_dim,
             "hidden_dim": cfg.hidden_dim, "dropout": cfg.dropout, "pad_id": vocab.pad_id,
-            "start_id": vocab.start_id, "end_id": vocab.end_id}
+            "start_id": vocab.start_id, "end_id": vocab.end_id, "feat_norm": cfg.feat_norm == "standardize"}
 
 
 def _check_resume(run: RunDir, cfg: CaptionTrainConfig, fingerprint: str) -> None:
@@ -169,6 +171,8 @@ def train_caption(cfg: CaptionTrainConfig, run_dir, resume: bool = True, progres
     """
     if not cfg.store:
         raise ConfigError("CaptionTrainConfig.store is required (the store to train on)")
+    if cfg.feat_norm not in ("none", "standardize"):
+        raise ConfigError(f"feat_norm must be 'none' or 'standardize', got {cfg.feat_norm!r}")
     if cfg.epochs < 1 or cfg.batch_images < 1:
         raise ConfigError(f"epochs and batch_images must be >= 1, got {cfg.epochs}, {cfg.batch_images}")
     device = D.resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0) or 0))
@@ -191,7 +195,11 @@ def train_caption(cfg: CaptionTrainConfig, run_dir, resume: bool = True, progres
     vocab = _load_vocab(run, cfg, main)
     torch.manual_seed(cfg.seed)
     model_args = _model_args(vocab, info["grid_dim"], cfg)
-    model = ShowAttendTell(**model_args).to(device)
+    model = ShowAttendTell(**model_args)
+    if model.feat_norm and last is None:  # rank 0 reads the statistics once; a resumed run has them in "last"
+        stats = grid_feature_stats(cfg.store, split_rows(cfg.store, "train"), cfg.feat_stats_images) if main else None
+        model.set_feature_stats(*D.broadcast_object(stats))
+    model = model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     if main:
         run.write_config({**to_dict(cfg), "store_fingerprint": fingerprint, "vocab_size": len(vocab),

@@ -69,6 +69,7 @@ class ShowAttendTell(nn.Module):
         pad_id: int = 0,
         start_id: int = 1,
         end_id: int = 2,
+        feat_norm: bool = False,
     ):
         super().__init__()
         if vocab_size <= max(pad_id, start_id, end_id):
@@ -85,6 +86,29 @@ class ShowAttendTell(nn.Module):
         self.lstm = nn.LSTMCell(embed_dim + feat_dim, hidden_dim)
         self.drop = nn.Dropout(dropout)
         self.out = nn.Linear(hidden_dim, vocab_size)
+        if feat_norm:  # per-channel standardisation; the statistics travel in the state dict
+            self.register_buffer("feat_mean", torch.zeros(feat_dim))
+            self.register_buffer("feat_std", torch.ones(feat_dim))
+
+    @property
+    def feat_norm(self) -> bool:
+        return hasattr(self, "feat_mean")
+
+    def set_feature_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Per-channel statistics of the training features, applied as ``(a - mean) / std`` to every input.
+
+        Channels that never vary (``std`` ~ 0, e.g. dead ReLU units) are left unscaled.
+        """
+        if not self.feat_norm:
+            raise ValueError("this model was built with feat_norm=False; it has no feature statistics")
+        mean, std = torch.as_tensor(mean).flatten(), torch.as_tensor(std).flatten()
+        if mean.shape != (self.feat_dim,) or std.shape != (self.feat_dim,):
+            raise ValueError(f"feature statistics must have {self.feat_dim} channels, got {tuple(mean.shape)}, "
+                             f"{tuple(std.shape)}")
+        if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
+            raise ValueError("feature statistics are not finite")
+        self.feat_mean.copy_(mean)
+        self.feat_std.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
 
     # ---- building blocks ---------------------------------------------------------------------------
     def _check_feats(self, feats: torch.Tensor) -> torch.Tensor:
@@ -94,7 +118,10 @@ class ShowAttendTell(nn.Module):
             raise ValueError(f"feats have {feats.shape[-1]} channels, the model expects {self.feat_dim}")
         if feats.shape[1] == 0:
             raise ValueError("feats have no locations (P = 0)")
-        return feats.to(self.out.weight.dtype)  # the store keeps float16
+        feats = feats.to(self.out.weight.dtype)  # the store keeps float16
+        if self.feat_norm:
+            feats = (feats - self.feat_mean) / self.feat_std
+        return feats
 
     def init_state(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean = feats.mean(dim=1)
