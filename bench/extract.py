@@ -1,7 +1,7 @@
 """Extraction benchmark: the loop's overhead over bare model compute, store bytes per image, decode workers.
 
     python bench/extract.py [--images 16] [--size 256] [--input-size 192] [--proposals 64] [--instances 12]
-                            [--batch 2] [--threads 0] [--repeats 1]
+                            [--batch 2] [--threads 0] [--repeats 1] [--device cpu|cuda]
 
 On the CPU with a random-weight Mask R-CNN R50-FPN v2 (``--weights none``) and ResNet-101, over synthetic
 images (``--size`` px square; the detector's min_size is the same, so it sees them at full size):
@@ -19,7 +19,8 @@ images (``--size`` px square; the detector's min_size is the same, so it sees th
   Target: <= 0.5x. Also mask bytes per instance, for the random detector's masks and for the real,
   sharp-edged masks of the synthetic annotations (the random mask head's near-constant probabilities
   compress better than real masks would).
-* images/s with 1 vs 2 DataLoader decode worker processes.
+* images/s with 1 vs 2 DataLoader decode worker processes (on ``--device``: with ``cuda`` these are the
+  GPU extraction rates).
 
 Random weights change the numbers' meaning in one way only: proposals and detections are random boxes,
 so ``--score-threshold 0`` keeps ``--instances`` detections per image (real weights keep fewer).
@@ -59,7 +60,7 @@ def make_config(args, workers: int, backend: str = "torchvision") -> ExtractConf
         f"detector.score_threshold={args.score_threshold}", f"features.input_size={args.input_size}",
         f"features.grid_size={args.input_size // 32}", "features.region_mode=fixed", f"features.fixed_regions={R}",
         f"features.max_regions={R}", f"block_size={args.block}", f"runtime.batch_size={args.batch}",
-        f"runtime.num_workers={workers}", "runtime.device=cpu",
+        f"runtime.num_workers={workers}", f"runtime.device={args.device}",
     ]
     return load_config(ExtractConfig, overrides=sets)
 
@@ -71,7 +72,9 @@ def bare_forward(models, images: list[np.ndarray], batch: int) -> float:
         for k in range(0, len(images), batch):
             chunk = images[k : k + batch]
             models.detector.detect(chunk)
-            models.extractor(models.extractor.prepare(chunk))
+            out = models.extractor(models.extractor.prepare(chunk))
+    if out.is_cuda:
+        torch.cuda.synchronize(out.device)  # the detector returns host arrays; the backbone's last kernels may still run
     return time.perf_counter() - start
 
 
@@ -114,6 +117,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--keep", type=Path, default=None, help="keep the stores in this folder")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (models and the extraction loop)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -132,7 +136,8 @@ def run(args, work: Path) -> None:
     ds = load_dataset(work / "data" / "dataset_synth.json", instances=work / "data" / "instances.json")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs "
           f"(torch threads {torch.get_num_threads()}), load average {os.getloadavg()[0]:.1f}; "
-          f"python {sys.version.split()[0]}, torch {torch.__version__}")
+          f"python {sys.version.split()[0]}, torch {torch.__version__}; device {args.device}"
+          + (f" ({torch.cuda.get_device_name(torch.device(args.device))})" if args.device.startswith("cuda") else ""))
     print(f"data: {args.images} synthetic {args.size}x{args.size} PNGs; Mask R-CNN v2 random init, min_size "
           f"{args.size}, {args.proposals} proposals, {args.instances} instances (score >= {args.score_threshold}); "
           f"ResNet-101 random init at {args.input_size}px, grid {args.input_size // 32}x{args.input_size // 32}, "
@@ -177,8 +182,8 @@ def run(args, work: Path) -> None:
         ("            finalize", f"{t['finalize']:.3f}", ""),
         ("  writer thread busy (overlapped), s/image", f"{t['writer']:.3f}", ""),
         ("  model + store setup, s (excluded)", f"{setup:.2f}", ""),
-        ("loop images/s, 1 decode worker", f"{ips[1]:.3f}", ""),
-        ("loop images/s, 2 decode workers", f"{ips[2]:.3f}", ""),
+        ("loop images/s, 1 decode worker", f"{ips[1]:.3f}", args.device),
+        ("loop images/s, 2 decode workers", f"{ips[2]:.3f}", args.device),
         ("instances/ bytes per image", f"{sizes['instances'] / args.images:,.0f}", ""),
         ("regions/ bytes per image (36 regions)", f"{sizes['regions'] / args.images:,.0f}", ""),
         ("  regions/feats bytes per image", f"{sizes['regions/feats'] / args.images:,.0f}", ""),

@@ -65,7 +65,7 @@ STEPS = [
               "Mask R-CNN v2 + ResNet-101 (random weights)"),
     Step("extract", "extract.py",
          ["--images", "8", "--size", "160", "--input-size", "128", "--proposals", "32", "--instances", "8",
-          "--block", "4"], 330,
+          "--block", "4"], 330, takes_device=True,
          data="8 synthetic 160 px images; Mask R-CNN v2 + ResNet-101 random init, 36 fixed regions"),
     Step("match_eval", "match_eval.py",
          ["--images", "200", "--queries", "4", "--text-queries", "8", "--topk", "20", "50", "--train-steps", "10"],

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = ["DistInfo", "init_distributed", "resolve_device", "rank", "world_size", "is_main", "barrier",
-           "wrap_model", "unwrap", "broadcast_object", "all_reduce_mean", "cleanup"]
+           "wrap_model", "unwrap", "broadcast_object", "all_reduce_mean", "all_gather_cat", "cleanup"]
 
 
 @dataclass(frozen=True)
@@ -99,12 +99,17 @@ def barrier() -> None:
         dist.barrier()
 
 
-def wrap_model(model: nn.Module, device: torch.device) -> nn.Module:
-    """DistributedDataParallel around ``model`` when the process group is up; the model itself otherwise."""
+def wrap_model(model: nn.Module, device: torch.device, find_unused_parameters: bool = False) -> nn.Module:
+    """DistributedDataParallel around ``model`` when the process group is up; the model itself otherwise.
+
+    ``find_unused_parameters``: set it when some parameters get no gradient in a step (DDP otherwise
+    fails at the next step with "Expected to have finished reduction in the prior iteration"); it costs
+    a walk of the autograd graph per step, so only models that need it ask for it.
+    """
     if not _active() or dist.get_world_size() == 1:
         return model
     ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused_parameters)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -128,6 +133,37 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
         out /= dist.get_world_size()
     return out
+
+
+@torch.no_grad()
+def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``tensor`` concatenated along dim 0 in rank order, the same on every rank (detached:
+    no gradient flows back to other ranks); ``tensor.detach()`` itself in a single process.
+
+    Ranks may hold different numbers of rows (a smaller last batch): ``dist.all_gather`` needs equal
+    shapes, so the row counts are gathered first and every part padded to the largest, then trimmed.
+    The number of dimensions and the sizes beyond dim 0 must agree across ranks. Every rank must call
+    it (a collective).
+    """
+    t = tensor.detach()
+    if t.dim() == 0:
+        raise ValueError("all_gather_cat needs a tensor with a row dimension, got a 0-d tensor")
+    if not _active() or dist.get_world_size() == 1:
+        return t
+    world = dist.get_world_size()
+    shape = torch.tensor(t.shape, dtype=torch.long, device=t.device)
+    shapes = [torch.empty_like(shape) for _ in range(world)]
+    dist.all_gather(shapes, shape)
+    if any(s[1:].tolist() != list(t.shape[1:]) for s in shapes):
+        raise ValueError("all_gather_cat: ranks disagree beyond dim 0: shapes "
+                         f"{[tuple(s.tolist()) for s in shapes]}")
+    rows = [int(s[0]) for s in shapes]
+    most = max(rows)
+    if t.shape[0] < most:
+        t = torch.cat([t, t.new_zeros(most - t.shape[0], *t.shape[1:])])
+    parts = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat([p[:n] for p, n in zip(parts, rows)])
 
 
 def cleanup() -> None:

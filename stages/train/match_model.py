@@ -79,6 +79,15 @@ class MatchNet(nn.Module):
         self.register_buffer("feat_mean", torch.zeros(dim))
         self.register_buffer("feat_std", torch.ones(dim))
 
+    @property
+    def has_unused_parameters(self) -> bool:
+        """True when some parameters never get a gradient, so DDP must look for them (``wrap_model(...,
+        find_unused_parameters=True)``, an extra autograd-graph walk per step): SLAN with 0 adaptor levels,
+        whose per-level ``log_pw``/``log_ph``/``log_offset_tau`` are then empty (kept so checkpoints of
+        every level count share one layout). Every other configuration uses all parameters in each step
+        (a SLAN term at weight 0 still gives zero gradients; CCR/CCS/ICA have no parameters of their own)."""
+        return self.kind == "slan" and self.net.levels == 0
+
     def regions(self, feats: torch.Tensor) -> torch.Tensor:
         """Visual features as the model sees them (float, standardised when statistics are set)."""
         return (feats.to(self.feat_mean.dtype) - self.feat_mean) / self.feat_std

@@ -7,7 +7,14 @@ update in ``slan_train``.
 Training: Adam, lr × ``lr_decay`` from epoch ``lr_decay_epoch`` (MMCA: 10 + 10 epochs), gradient
 clipping, validation rsum after every epoch, the ``best`` checkpoint on validation rsum, ``last`` for
 resume (mid-epoch too: sampler position, optimizer, RNG states; SLAN's ITC queue is a model buffer),
-``metrics.jsonl`` and loss curves. Under torchrun: DDP, a sharded sampler, rank 0 writes the run.
+``metrics.jsonl`` and loss curves.
+
+Under torchrun (``distributed``): DDP (told to look for unused parameters only when the model has some,
+``MatchNet.has_unused_parameters``), each rank reads its own shard of every epoch (``drop_last``, so all
+ranks take the same number of steps), SLAN's ITC queue receives every rank's pairs (``slan_train``).
+Rank 0 alone writes the run (config with ``world_size``, metrics = rank 0's losses, checkpoints) and
+validates; the others wait at the epoch's barrier. A run stopped mid-epoch resumes only with the same
+number of ranks (the sampler position is per rank); at an epoch end any number will do.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -252,8 +260,12 @@ def _check_resume(run: RunDir, cfg: MatchTrainConfig) -> None:
                          f"{[(saved.get(k), getattr(cfg, k)) for k in diff]}); use a new run directory")
 
 
-def train_match(cfg: MatchTrainConfig, run_dir, resume: bool = True) -> dict:
-    """Train (or resume) a matching model into ``run_dir``; returns a summary dict (module doc)."""
+def train_match(cfg: MatchTrainConfig, run_dir, resume: bool = True,
+                on_step: Callable[[int, dict, MatchNet], None] | None = None) -> dict:
+    """Train (or resume) a matching model into ``run_dir``; returns a summary dict (module doc).
+    ``on_step(step, losses, net)`` is called on every rank after each optimizer step (and SLAN's queue
+    update) with this rank's float loss terms and its model, unwrapped (for notebooks and tests; the
+    metrics file holds rank 0's losses only)."""
     if not cfg.store:
         raise ValueError("MatchTrainConfig.store is empty: give the store URL to train on")
     run = RunDir(run_dir)
@@ -290,6 +302,10 @@ def train_match(cfg: MatchTrainConfig, run_dir, resume: bool = True) -> dict:
         val = encoder(val)
     epoch, batches, step, best = 0, 0, 0, {"rsum": -1.0, "epoch": -1}
     if state is not None:
+        ranks = int(state.get("world_size", 1))
+        if ranks != info.world_size and int(state["batches"]) > 0:
+            raise ValueError(f"run {run.path} stopped mid-epoch with {ranks} rank(s); resume it with the same "
+                             f"number (now {info.world_size}), or from an epoch-end checkpoint")
         net.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sampler.load_state_dict(state["sampler"])
@@ -308,8 +324,8 @@ def train_match(cfg: MatchTrainConfig, run_dir, resume: bool = True) -> dict:
         if vocab is not None:  # before config.yaml, which marks the run as existing
             (run.path / "vocab.json").write_text(json.dumps(vocab.to_dict()))
         run.write_config({**to_dict(cfg), "store_fingerprint": store_fingerprint(cfg.store),
-                          "model_args": args, "region_dim": region_dim})
-    model = wrap_model(net, device)
+                          "model_args": args, "region_dim": region_dim, "world_size": info.world_size})
+    model = wrap_model(net, device, find_unused_parameters=net.has_unused_parameters)
 
     def save(name: str, **extra):
         if is_main():
@@ -318,7 +334,8 @@ def train_match(cfg: MatchTrainConfig, run_dir, resume: bool = True) -> dict:
                 "vocab": vocab.to_dict() if vocab else None, "epoch": epoch, "batches": batches, "step": step,
                 "sampler": sampler.state_dict(position=batches * cfg.batch_size), "rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                "ccs_rng": gen.get_state(), "best_rsum": best["rsum"], "best_epoch": best["epoch"], **extra})
+                "ccs_rng": gen.get_state(), "best_rsum": best["rsum"], "best_epoch": best["epoch"],
+                "world_size": info.world_size, **extra})
 
     started, stopped, last_val = time.time(), False, None
     while epoch < cfg.epochs and not stopped:
@@ -339,9 +356,14 @@ def train_match(cfg: MatchTrainConfig, run_dir, resume: bool = True) -> dict:
             if net.kind == "slan":
                 slan_train.after_step(net, out, batch)
             batches, step = batches + 1, step + 1
-            if is_main() and (step % cfg.log_every == 0 or batches == 1):
-                run.log(step=step, epoch=epoch, lr=opt.param_groups[0]["lr"],
-                        **{k: float(v.detach()) for k, v in res.items()}, words=int(batch["match_txt"].numel()))
+            log_now = is_main() and (step % cfg.log_every == 0 or batches == 1)
+            if log_now or on_step is not None:  # floats sync the GPU: only when someone reads them
+                losses = {k: float(v.detach()) for k, v in res.items()}
+                if log_now:
+                    run.log(step=step, epoch=epoch, lr=opt.param_groups[0]["lr"], **losses,
+                            words=int(batch["match_txt"].numel()))
+                if on_step is not None:
+                    on_step(step, losses, net)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 save("last")
             if cfg.max_steps and step >= cfg.max_steps:

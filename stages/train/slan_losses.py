@@ -4,8 +4,9 @@ queue that holds past features (a module, so it travels in checkpoints).
 
 Choices the seed leaves open (ours, also in ``slan.py``'s docstring and the README):
 - Queues are momentum-free (no momentum encoder, unlike ALBEF): they hold detached unit embeddings of
-  past batches. Each entry carries its image id; an entry of the same image as a row counts as a
-  positive for that row (soft target spread uniformly over all positives, as ALBEF/BLIP do).
+  past batches (under DDP, of every rank's pairs, as ALBEF's all-gathered queues). Each entry carries
+  its image id; an entry of the same image as a row counts as a positive for that row (soft target
+  spread uniformly over all positives, as ALBEF/BLIP do).
 - The in-batch part of ITC uses the exact pairwise similarity S(I_i, T_j) (the image embedding is
   conditioned on each text by the region filter/adaptor); queued texts are scored against the image
   embedding conditioned on its own caption, queued images are stored conditioned on theirs.
@@ -27,8 +28,10 @@ class FeatureQueue(nn.Module):
     """FIFO ring of the latest ``size`` (image embedding, text embedding, image id) triples.
 
     Buffers (saved with the model): ``img (Q, d)``, ``txt (Q, d)``, ``ids (Q,)`` (-1 = empty slot),
-    ``ptr`` (next slot to overwrite) and ``filled`` (how many slots hold data). Per process: under DDP
-    each rank keeps its own queue (no all-gather; ours).
+    ``ptr`` (next slot to overwrite) and ``filled`` (how many slots hold data). Under DDP the training
+    loop enqueues every rank's pairs, all-gathered in rank order (``slan_train.after_step``, as ALBEF),
+    so every rank holds the same queue: DDP broadcasts rank 0's buffers at each forward, which would
+    otherwise drop what the other ranks enqueued. :meth:`enqueue` itself is local.
     """
 
     def __init__(self, size: int, dim: int):

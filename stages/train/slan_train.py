@@ -7,6 +7,7 @@ loop (``match_train``): a batch (``match_data``, kind ``slan``) carries the stor
 axis), the detector boxes ``region_boxes``/``region_mask`` (``regions/boxes``) and the captions' frozen
 BERT outputs ``words``/``word_mask`` (the text cache, or BERT online). Caption p is paired with image
 ``txt_img[p]``; ITC treats texts of the same store row as positives, in the batch and in the queue.
+Under torchrun the queue receives every rank's pairs (all-gathered), so it is the same on all ranks.
 
 Grid resolution: SLAN re-pools regions and K x K sub-regions from the grid map, so a coarse map makes
 every box look alike: it wants G >= 7. Extract with ``vlcache extract ... --set features.grid_size=G``
@@ -36,6 +37,7 @@ import torch
 import yaml
 
 from ...storage.masks import region_inside_fraction
+from .distributed import all_gather_cat
 from .match_data import pair_batch
 from .slan_losses import slan_objective
 
@@ -67,9 +69,13 @@ def slan_terms(out: dict, batch: dict, cfg, queue=None, generator: torch.Generat
 
 def after_step(net, out: dict, batch: dict) -> None:
     """Push the step's matched-pair embeddings into the ITC queue (after the optimizer step, so the
-    loss of this step saw only earlier batches)."""
+    loss of this step saw only earlier batches). Under DDP every rank calls it: the embeddings and
+    image ids of all ranks are all-gathered (rank order, no gradient) and pushed on every rank, as
+    ALBEF does, so the queues stay identical and hold the whole global batch. Image ids are store rows,
+    so a queued entry from another rank is a positive exactly when it shows the same image."""
     s = out["slan"]
-    net.net.queue.enqueue(s["img_embed"], s["txt_embed"], image_ids(batch).to(s["img_embed"].device))
+    ids = image_ids(batch).to(s["img_embed"].device)
+    net.net.queue.enqueue(all_gather_cat(s["img_embed"]), all_gather_cat(s["txt_embed"]), all_gather_cat(ids))
 
 
 @torch.no_grad()
