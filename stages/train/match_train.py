@@ -383,6 +383,7 @@ def train_match(cfg: MatchTrainConfig, run_dir, resume: bool = True,
         barrier()
     if is_main():
         _curves(run)
+    barrier()  # every rank returns once the run is written (a stop mid-epoch skips the epoch's barrier)
     return {"run_dir": str(run.path), "epochs_done": epoch, "step": step, "stopped": stopped,
             "best_rsum": best["rsum"], "best_epoch": best["epoch"], "val": last_val,
             "seconds": round(time.time() - started, 2)}
