@@ -52,6 +52,8 @@ def test_evaluation_writes_captions_scores_report_and_figures(evaluated):
     for key in ("attn_precision", "attn_recall", "attn_f1", "attn_correctness", "attn_correctness_uniform"):
         assert 0.0 <= scores[key] <= 1.0, key
     assert scores["attn_words"] > 0 and scores["objects_per_caption"] > 0
+    assert scores["attn_energy_spread"] >= 0 and scores["attn_ica_loss"] > 0
+    assert 0 < scores["attn_label_share"] < 1 and 0 < scores["attn_mass_on_labels"] < 1
     assert scores["SPICE"] is not None or any("SPICE" in n for n in scores["notes"])  # never silently absent
     figures = sorted((run / "figures").glob("attention_test_row*.png"))
     assert len(figures) == 3 and all(f.read_bytes()[:4] == b"\x89PNG" for f in figures)
@@ -142,3 +144,23 @@ def test_ica_experiment_end_to_end(tmp_path, scorer):
                                scorer=scorer)
     assert again["rows"] == result["rows"]
     assert (root / "show-attend-tell-seed0" / "checkpoints" / "last.pt").stat().st_mtime == mtime
+
+
+def test_attention_diagnostics_by_hand():
+    from vlcache.stages.train.caption_eval import attention_scores
+
+    labels = torch.tensor([[1.0, 0, 0, 0], [1.0, 1, 0, 0]])
+    flat = torch.zeros(2, 4)
+    attn = {"alphas": flat.softmax(-1), "energies": flat, "labels": labels, "coverage": labels}
+    s = attention_scores(attn)
+    assert s["attn_energy_spread"] == 0 and s["attn_energy_gap"] == 0
+    assert s["attn_ica_loss"] == pytest.approx(1.0)  # a flat map at 0 sits on the hinge's kink
+    assert s["attn_mass_on_labels"] == pytest.approx(s["attn_label_share"]) == pytest.approx((1 / 4 + 2 / 4) / 2)
+    # raise the labelled cells by d: the loss falls by d x the labelled share (Lovász hinge at the kink)
+    d = 0.3
+    raised = d * labels
+    s2 = attention_scores({**attn, "alphas": raised.softmax(-1), "energies": raised})
+    assert s2["attn_energy_gap"] == pytest.approx(d)
+    assert s2["attn_ica_loss"] == pytest.approx(1 - d * (1 / 4 + 2 / 4) / 2, abs=1e-6)
+    assert s2["attn_mass_on_labels"] > s2["attn_label_share"]
+    assert s2["attn_energy_spread"] == pytest.approx(float(raised.std(dim=1).mean()))

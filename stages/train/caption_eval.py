@@ -33,6 +33,7 @@ from .attention_metrics import attention_correctness, attention_prf
 from .caption_data import (CaptionBatches, CaptionTransform, caption_loader, split_rows, store_fingerprint,
                            store_info)
 from .caption_metrics import CaptionScorer, score_captions, tokenize
+from .losses import ica_loss
 from .sat import ShowAttendTell
 from .vocab import Vocab
 
@@ -50,11 +51,12 @@ def decode_split(model: ShowAttendTell, loader, vocab: Vocab, beam_size: int, ma
 
     Returns (items, attn): items are ``{"row", "image_id", "caption", "references"}`` in loader order.
     With ``attention`` (the loader's transform must build ICA targets) ``attn`` holds, over all matched
-    word tokens of the ground-truth captions, ``alphas`` (m, P) teacher-forced attention, ``labels`` and
-    ``coverage`` (m, P), and ``words``: per token (row, caption index, token index, class id).
+    word tokens of the ground-truth captions, ``alphas`` and ``energies`` (m, P) teacher-forced attention
+    and its pre-softmax energies, ``labels`` and ``coverage`` (m, P), and ``words``: per token (row,
+    caption index, token index, class id).
     """
     model.eval()
-    items, alphas, labels, coverage, words = [], [], [], [], []
+    items, alphas, energies, labels, coverage, words = [], [], [], [], [], []
     n_samples = n_pairs = 0
     for batch in tqdm(loader, desc="decode", disable=not progress, leave=False):
         feats = batch["feats"].to(device)
@@ -67,6 +69,7 @@ def decode_split(model: ShowAttendTell, loader, vocab: Vocab, beam_size: int, ma
             out = model(feats, batch["captions"].to(device), batch["lengths"].to(device), img_index=img)
             s, t = batch["ica_sample"], batch["ica_step"]
             alphas.append(out["alphas"][s.to(device), t.to(device)].float().cpu())
+            energies.append(out["energies"][s.to(device), t.to(device)].float().cpu())
             labels.append(batch["ica_labels"])
             coverage.append(batch["ica_coverage"])
             rows = batch["rows"][batch["img_index"][s]]
@@ -76,7 +79,7 @@ def decode_split(model: ShowAttendTell, loader, vocab: Vocab, beam_size: int, ma
     attn = {}
     if attention:
         cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0, 0)  # noqa: E731
-        attn = {"alphas": cat(alphas), "labels": cat(labels), "coverage": cat(coverage), "words": words,
+        attn = {"alphas": cat(alphas), "energies": cat(energies), "labels": cat(labels), "coverage": cat(coverage), "words": words,
                 "objects_per_caption": n_pairs / max(n_samples, 1)}
     return items, attn
 
@@ -96,18 +99,37 @@ def quick_scores(items: list[dict]) -> dict:
 
 
 def attention_scores(attn: dict) -> dict:
-    """Section 8 metrics over the matched word tokens of :func:`decode_split`'s ``attn``."""
+    """Section 8 metrics over the matched word tokens of :func:`decode_split`'s ``attn``, and diagnostics.
+
+    The diagnostics say *how* a model attends, which the section 8 metrics cannot tell apart (a flat map
+    and a map that misses the object can score alike): ``attn_energy_spread``, the std of a step's
+    pre-softmax energies across cells (0 = uniform attention); ``attn_energy_gap``, mean energy of
+    labelled minus unlabelled cells; ``attn_mass_on_labels``, attention on labelled cells (uniform
+    attention puts ``attn_label_share`` there); ``attn_ica_loss``, the ICA loss of these steps (1 for a
+    flat map at energy 0, the hinge's kink: raising the labelled cells by d lowers it only by d times the
+    labelled share of cells).
+    """
     n = int(attn["alphas"].shape[0]) if attn else 0
+    keys = ("attn_precision", "attn_recall", "attn_f1", "attn_correctness", "attn_correctness_uniform",
+            "attn_energy_spread", "attn_energy_gap", "attn_mass_on_labels", "attn_label_share", "attn_ica_loss")
     if n == 0:
-        nan = float("nan")
-        return {"attn_precision": nan, "attn_recall": nan, "attn_f1": nan, "attn_correctness": nan,
-                "attn_correctness_uniform": nan, "attn_words": 0}
-    prf = attention_prf(attn["alphas"], attn["labels"] > 0)
+        return {**dict.fromkeys(keys, float("nan")), "attn_words": 0}
+    labelled = attn["labels"] > 0
+    prf = attention_prf(attn["alphas"], labelled)
     corr = attention_correctness(attn["alphas"], attn["coverage"])
-    return {"attn_precision": prf["precision"], "attn_recall": prf["recall"], "attn_f1": prf["f1"],
-            "attn_correctness": float(corr.mean()),
-            "attn_correctness_uniform": float(attn["coverage"].float().mean()),  # uniform attention's mass
-            "attn_words": prf["n_words"]}
+    out = {"attn_precision": prf["precision"], "attn_recall": prf["recall"], "attn_f1": prf["f1"],
+           "attn_correctness": float(corr.mean()),
+           "attn_correctness_uniform": float(attn["coverage"].float().mean()),  # uniform attention's mass
+           "attn_words": prf["n_words"]}
+    e = attn.get("energies")
+    if e is not None and e.shape == labelled.shape:
+        y = labelled.float()
+        pos = (e * y).sum(1) / y.sum(1).clamp_min(1)
+        neg = (e * (1 - y)).sum(1) / (1 - y).sum(1).clamp_min(1)
+        out.update(attn_energy_spread=float(e.std(dim=1).mean()), attn_energy_gap=float((pos - neg).mean()),
+                   attn_mass_on_labels=float((attn["alphas"] * y).sum(1).mean()),
+                   attn_label_share=float(y.mean(1).mean()), attn_ica_loss=float(ica_loss(e, attn["labels"])))
+    return out
 
 
 def load_run_model(run_dir, which: str = "best", device="cpu") -> tuple[ShowAttendTell, Vocab, dict, dict]:
@@ -273,7 +295,12 @@ def _write_report(run: RunDir, scores: dict, config: dict, figures: list[Path]) 
             ("METEOR", "METEOR"), ("ROUGE-L", "ROUGE_L"), ("CIDEr", "CIDEr"), ("SPICE", "SPICE"),
             ("attention precision", "attn_precision"), ("attention recall", "attn_recall"),
             ("attention F1", "attn_f1"), ("attention correctness", "attn_correctness"),
-            ("correctness of uniform attention (chance)", "attn_correctness_uniform")]
+            ("correctness of uniform attention (chance)", "attn_correctness_uniform"),
+            ("attention mass on labelled cells", "attn_mass_on_labels"),
+            ("labelled share of cells (uniform attention's mass)", "attn_label_share"),
+            ("energy spread across cells (0 = flat)", "attn_energy_spread"),
+            ("energy gap, labelled - unlabelled cells", "attn_energy_gap"),
+            ("ICA loss (1 = flat map at 0)", "attn_ica_loss")]
     lines = [f"# Captioning evaluation: {run.path.name}", "",
              f"Split **{scores['split']}**, {scores['n_images']} images, beam {scores['beam_size']}, "
              f"checkpoint `{scores['checkpoint']}` (epoch {scores['epoch']}, step {scores['step']}).", "",
