@@ -64,9 +64,9 @@ STEPS = [
          data="synthetic images, 14x14x2048 grid store; SAT+ICA 512-d, batch 8 images; online = decode + "
               "Mask R-CNN v2 + ResNet-101 (random weights)"),
     Step("extract", "extract.py",
-         ["--images", "8", "--size", "160", "--input-size", "128", "--proposals", "32", "--instances", "8",
+         ["--images", "16", "--size", "160", "--input-size", "128", "--proposals", "32", "--instances", "8",
           "--block", "4"], 330, takes_device=True,
-         data="8 synthetic 160 px images; Mask R-CNN v2 + ResNet-101 random init, 36 fixed regions"),
+         data="16 synthetic 160 px images; Mask R-CNN v2 + ResNet-101 random init, 36 fixed regions"),
     Step("match_eval", "match_eval.py",
          ["--images", "200", "--queries", "4", "--text-queries", "8", "--topk", "20", "50", "--train-steps", "10"],
          240, takes_device=True,
@@ -172,10 +172,11 @@ def parse_extract(text: str, _: dict) -> dict:
 
     return {
         "overhead_vs_bare": line("pipeline overhead, loop / separate bare run:"),
-        "overhead_in_run": line("pipeline overhead, loop / its own forward time:"),
+        "overhead_in_run": line("pipeline overhead, loop / its own model time:"),
+        "overhead_vs_forward_only": line("loop / detector + ResNet forward only:"),
         "regions_vs_butd": line("regions bytes / BUTD float32:"),
         "workers_2_vs_1": line("2 vs 1 decode workers:"),
-        "bare_s_per_image": line("bare forward (detect + ResNet), s/image"),
+        "bare_s_per_image": line("bare model compute (models.run), s/image"),
         "loop_s_per_image": line("extraction loop, s/image"),
         "images_per_s_1_worker": line("loop images/s, 1 decode worker"),
         "images_per_s_2_workers": line("loop images/s, 2 decode workers"),
@@ -254,10 +255,12 @@ def summary_rows(outcomes: dict[str, Outcome]) -> list[dict]:
     r = outcomes.get("extract")
     if r and r.results:
         x = r.results
-        add("extraction", "loop / bare model forward (separate runs)", f"{x['overhead_vs_bare']:.3f}", "<= 1.15",
+        add("extraction", "loop / bare model compute (separate runs)", f"{x['overhead_vs_bare']:.3f}", "<= 1.15",
             x["overhead_vs_bare"] <= 1.15, "extract")
-        add("extraction", "loop / its own forward time (same run)", f"{x['overhead_in_run']:.3f}", "<= 1.15",
+        add("extraction", "loop / its own model time (same run)", f"{x['overhead_in_run']:.3f}", "<= 1.15",
             x["overhead_in_run"] <= 1.15, "extract")
+        add("extraction", "loop / detector + ResNet forward only (no pooling)", f"{x['overhead_vs_forward_only']:.3f}",
+            "", None, "extract")
         add("storage", "regions/ bytes per image vs BUTD float32", f"{x['regions_vs_butd']:.3f}x", "<= 0.5x",
             x["regions_vs_butd"] <= 0.5, "extract")
         add("storage", "store bytes per image (instances + regions + grid)",
