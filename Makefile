@@ -19,8 +19,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
+BENCH_ARGS ?=
 bench: $(STAMP)
-	$(PY) bench/run_all.py
+	$(PY) bench/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf demo runs .pytest_cache
