@@ -1,7 +1,7 @@
 """Build a small real store from the synthetic dataset (annotations oracle + random-init ResNet-101).
 
 Shared by the training tests: stores are cached per (arguments) under a session temp dir, so several
-test files reuse one extraction.
+test files reuse one extraction (and one text cache of it).
 """
 
 from __future__ import annotations
@@ -45,3 +45,16 @@ def make_synth_store(n_images: int = 48, *, size: int = 96, grid: int = 4, input
     extract(dataset, url, cfg, overwrite=True, progress=False)
     marker.write_text(url)
     return url, data_dir
+
+
+def make_text_cache(store_url: str, max_len: int = 32) -> str:
+    """URL of a frozen-BERT text cache of ``store_url`` (a store made by :func:`make_synth_store`); built once."""
+    from vlcache.stages.train.text_cache import build_text_cache
+
+    root = Path(store_url).parent
+    url = str(root / f"text-{max_len}.zarr")
+    marker = root / f"text-{max_len}.ready"
+    if not marker.is_file():
+        build_text_cache(store_url, url, max_len=max_len, overwrite=True)
+        marker.write_text(url)
+    return url

@@ -12,13 +12,12 @@ import pytest
 import torch
 import yaml
 
-from synth_store import make_synth_store
+from synth_store import make_synth_store, make_text_cache
 from vlcache.pipeline.runs import RunDir
 from vlcache.stages.train import distributed as D
 from vlcache.stages.train.match_data import MatchDataset
 from vlcache.stages.train.match_model import MatchNet, match_losses, model_args
 from vlcache.stages.train.match_train import MatchTrainConfig, train_match
-from vlcache.stages.train.text_cache import build_text_cache
 
 torch.set_num_threads(1)
 SLAN = dict(model="slan", d=32, slan_levels=2, slan_regions=4, slan_samples=1, slan_queue=32, region_norm=True,
@@ -31,10 +30,8 @@ def grid7():
 
 
 @pytest.fixture(scope="module")
-def cache(grid7, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("cache") / "text.zarr")
-    build_text_cache(grid7, out, max_len=32)
-    return out
+def cache(grid7):
+    return make_text_cache(grid7)
 
 
 # Each rank: all_gather_cat of unequal parts, then train_match from a JSON config; dumps what it saw.

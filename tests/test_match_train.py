@@ -7,13 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from synth_store import make_synth_store
+from synth_store import make_synth_store, make_text_cache
 from vlcache.stages.train.ica import region_labels
 from vlcache.stages.train.losses import lovasz_hinge
 from vlcache.stages.train.match_data import MatchDataset, caption_choice
 from vlcache.stages.train.match_model import PAD_SCORE, MatchNet, match_losses, model_args, word_views
 from vlcache.stages.train.match_train import MatchTrainConfig, build_vocab, train_match
-from vlcache.stages.train.text_cache import build_text_cache
 from vlcache.storage.masks import region_inside_fraction
 from vlcache.storage.store import open_store
 
@@ -28,10 +27,8 @@ def synth():
 
 
 @pytest.fixture(scope="module")
-def cache(synth, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("cache") / "text.zarr")
-    build_text_cache(synth, out, max_len=32)
-    return out
+def cache(synth):
+    return make_text_cache(synth)
 
 
 def chance_rsum(n: int, c: int = 5) -> float:

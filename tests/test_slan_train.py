@@ -8,14 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from synth_store import make_synth_store
+from synth_store import make_synth_store, make_text_cache
 from vlcache.stages.train.match_data import MatchDataset
 from vlcache.stages.train.match_eval import evaluate_match
 from vlcache.stages.train.match_model import MatchNet
 from vlcache.stages.train.match_train import (
     MatchTrainConfig, load_match_run, make_dataset, retrieval_metrics, train_match, visual_dim)
 from vlcache.stages.train.slan_train import box_mask_scores, run_slan_ablation, slan_forward
-from vlcache.stages.train.text_cache import build_text_cache
 from vlcache.storage.errors import StoreError
 from vlcache.storage.schema import Capacities, Layout
 from vlcache.storage.store import open_store
@@ -32,10 +31,8 @@ def synth():
 
 
 @pytest.fixture(scope="module")
-def cache(synth, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("cache") / "text.zarr")
-    build_text_cache(synth, out, max_len=32)
-    return out
+def cache(synth):
+    return make_text_cache(synth)
 
 
 def chance_rsum(n: int, c: int = 5) -> float:

@@ -341,8 +341,7 @@ def run_match_ablation(store: str, model: str = "scan", seeds: int = 3, *, name:
     with ``seeds`` seeds (config seed, +1, ...), trained and evaluated on ``split``; the table (mean ± sample
     std, paired Δ against the baseline) goes to ``runs_root/name/ablation.md`` and ``ablation.json``.
     Finished runs and evaluations are reused, so an interrupted experiment resumes."""
-    from ...pipeline.config import load_config, to_dict
-    from .experiment import format_table, paired_deltas, summarize
+    from ...pipeline.config import load_config
     from .match_train import MatchTrainConfig
 
     if seeds < 1:
@@ -354,21 +353,32 @@ def run_match_ablation(store: str, model: str = "scan", seeds: int = 3, *, name:
     root.mkdir(parents=True, exist_ok=True)
 
     seed_list, rows = ablation_rows(base, variants, seeds, root, split, figures)
+    intro = (f"{model.upper()} on `{store}`, split **{split}**, seeds {seed_list}; mean ± sample std over seeds; "
+             "Δ = paired per-seed difference against the baseline. Recalls in %, attention P/R/F1 against the pseudo "
+             "reference (regions >= 50% inside the word's merged mask, METHODS §8).")
+    shared = (f"epochs {base.epochs}, batch {base.batch_size}, lr {base.lr} (×{base.lr_decay} from epoch "
+              f"{base.lr_decay_epoch}), margin {base.margin}, γr {base.gamma_r}, γs {base.gamma_s}, captions/step "
+              f"{base.captions}, region_norm {base.region_norm}")
+    return write_ablation(root, "Matching ablation", intro, shared, base=base, store=store, model=model, split=split,
+                          seed_list=seed_list, variants=variants, rows=rows, metrics=ABLATION_METRICS,
+                          labels=ABLATION_LABELS)
+
+
+def write_ablation(root: Path, heading: str, intro: str, shared: str, *, base, store: str, model: str, split: str,
+                   seed_list: list[int], variants: dict, rows: list[dict], metrics, labels) -> dict:
+    """The table of a matching ablation (paired Δ against the first variant), written to ``root/ablation.md``
+    and ``root/ablation.json``; returns the result dict (with ``path``). Shared by the matching and SLAN runners."""
+    from ...pipeline.config import to_dict
+    from .experiment import format_table, paired_deltas, summarize
+
     baseline = next(iter(variants))
-    table = format_table(rows, ABLATION_METRICS, baseline=baseline, labels=ABLATION_LABELS, digits=2)
-    md = [f"# Matching ablation: {root.name}", "",
-          f"{model.upper()} on `{store}`, split **{split}**, seeds {seed_list}; mean ± sample std over seeds; "
-          "Δ = paired per-seed difference against the baseline. Recalls in %, attention P/R/F1 against the pseudo "
-          "reference (regions >= 50% inside the word's merged mask, METHODS §8).", "", table, "",
-          f"- variants: {json.dumps(variants)}",
-          f"- shared: epochs {base.epochs}, batch {base.batch_size}, lr {base.lr} (×{base.lr_decay} from epoch "
-          f"{base.lr_decay_epoch}), margin {base.margin}, γr {base.gamma_r}, γs {base.gamma_s}, captions/step "
-          f"{base.captions}, region_norm {base.region_norm}", ""]
+    table = format_table(rows, metrics, baseline=baseline, labels=labels, digits=2)
+    md = [f"# {heading}: {root.name}", "", intro, "", table, "", f"- variants: {json.dumps(variants)}",
+          f"- shared: {shared}", ""]
     (root / "ablation.md").write_text("\n".join(md))
     result = {"name": root.name, "store": store, "model": model, "split": split, "seeds": seed_list,
               "variants": variants, "config": to_dict(base), "rows": rows,
-              "summary": summarize(rows, ABLATION_METRICS), "deltas": paired_deltas(rows, baseline, ABLATION_METRICS),
-              "table": table}
+              "summary": summarize(rows, metrics), "deltas": paired_deltas(rows, baseline, metrics), "table": table}
     (root / "ablation.json").write_text(json.dumps(result, indent=1, default=_json_default))
     result["path"] = str(root)
     return result

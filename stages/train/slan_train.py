@@ -29,7 +29,6 @@ levels, and 3 levels without the filter threshold (the top T by saliency), each 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -244,9 +243,8 @@ def run_slan_ablation(store: str, seeds: int = 3, *, name: str = "slan-ablation"
     defaults < ``config_file`` < ``options`` < ``overrides``. The table (mean ± sample std,
     paired Δ against frozen boxes) goes to ``runs_root/name/ablation.md`` and ``ablation.json``; finished
     runs and evaluations are reused, so an interrupted experiment resumes."""
-    from ...pipeline.config import load_config, to_dict
-    from .experiment import format_table, paired_deltas, summarize
-    from .match_eval import ablation_rows
+    from ...pipeline.config import load_config
+    from .match_eval import ablation_rows, write_ablation
     from .match_train import MatchTrainConfig
 
     if seeds < 1:
@@ -263,26 +261,17 @@ def run_slan_ablation(store: str, seeds: int = 3, *, name: str = "slan-ablation"
     root.mkdir(parents=True, exist_ok=True)
 
     seed_list, rows = ablation_rows(base, variants, seeds, root, split, figures)
-    baseline = next(iter(variants))
-    table = format_table(rows, SLAN_METRICS, baseline=baseline, labels=SLAN_LABELS, digits=2)
-    md = [f"# SLAN self-locator ablation: {root.name}", "",
-          f"SLAN on `{store}`, split **{split}**, seeds {seed_list}; mean ± sample std over seeds; Δ = paired "
-          "per-seed difference against frozen boxes. Recalls in %; attention P/R/F1 of the word -> region "
-          "attention against the pseudo reference (regions >= 50% inside the word's merged mask, METHODS §8); "
-          "inside/IoU before/after: the word's highest-matching kept region's detector box and adapted box "
-          "against its merged mask (fraction of the box inside it; box-mask IoU); kept: regions the filter "
-          "kept per (image, caption) pair.", "", table, "",
-          f"- variants: {json.dumps(variants)}",
-          f"- shared: epochs {base.epochs}, batch {base.batch_size}, lr {base.lr} (×{base.lr_decay} from epoch "
-          f"{base.lr_decay_epoch}), d {base.d}, K {base.slan_k}, T {base.slan_regions}, h {base.slan_threshold}, "
-          f"pool {base.slan_pool}, samples {base.slan_samples}, queue {base.slan_queue}, captions/step "
-          f"{base.captions}, region_norm {base.region_norm}, validation on the first {base.val_max_images or 'all'} "
-          f"{base.val_split} images", ""]
-    (root / "ablation.md").write_text("\n".join(md))
-    result = {"name": root.name, "store": store, "model": "slan", "split": split, "seeds": seed_list,
-              "variants": variants, "config": to_dict(base), "rows": rows,
-              "summary": summarize(rows, SLAN_METRICS), "deltas": paired_deltas(rows, baseline, SLAN_METRICS),
-              "table": table}
-    (root / "ablation.json").write_text(json.dumps(result, indent=1, default=str))
-    result["path"] = str(root)
-    return result
+    intro = (f"SLAN on `{store}`, split **{split}**, seeds {seed_list}; mean ± sample std over seeds; Δ = paired "
+             "per-seed difference against frozen boxes. Recalls in %; attention P/R/F1 of the word -> region "
+             "attention against the pseudo reference (regions >= 50% inside the word's merged mask, METHODS §8); "
+             "inside/IoU before/after: the word's highest-matching kept region's detector box and adapted box "
+             "against its merged mask (fraction of the box inside it; box-mask IoU); kept: regions the filter "
+             "kept per (image, caption) pair.")
+    shared = (f"epochs {base.epochs}, batch {base.batch_size}, lr {base.lr} (×{base.lr_decay} from epoch "
+              f"{base.lr_decay_epoch}), d {base.d}, K {base.slan_k}, T {base.slan_regions}, h {base.slan_threshold}, "
+              f"pool {base.slan_pool}, samples {base.slan_samples}, queue {base.slan_queue}, captions/step "
+              f"{base.captions}, region_norm {base.region_norm}, validation on the first {base.val_max_images or 'all'} "
+              f"{base.val_split} images")
+    return write_ablation(root, "SLAN self-locator ablation", intro, shared, base=base, store=store, model="slan",
+                          split=split, seed_list=seed_list, variants=variants, rows=rows, metrics=SLAN_METRICS,
+                          labels=SLAN_LABELS)
