@@ -370,6 +370,56 @@ def experiment_slan_cmd(
     typer.echo(res.get("table", "") if isinstance(res, dict) else str(res))
 
 
+@train_app.command("detector")
+def train_detector_cmd(
+    run: Path = typer.Option(..., help="Run directory (created, or resumed from its last checkpoint)."),
+    instances: Optional[List[Path]] = typer.Option(None, help="COCO instances JSON (repeatable): training images, "
+                                                   "or all splits when --dataset names them."),
+    dataset: Optional[Path] = typer.Option(None, help="Karpathy/COCO-captions/JSONL file whose train/val splits to use."),
+    val_instances: Optional[List[Path]] = typer.Option(None, help="Without --dataset: COCO instances JSON of the "
+                                                       "validation images."),
+    image_root: Optional[Path] = typer.Option(None, help="Image folder (default: beside the dataset/instances file)."),
+    val_image_root: Optional[Path] = typer.Option(None, help="Validation image folder (default: --image-root)."),
+    backbone: Optional[str] = typer.Option(None, help="resnet18 | resnet34 | resnet50 | resnet101 (default resnet50)."),
+    weights: Optional[str] = typer.Option(None, help="Detector init: none | DEFAULT (torchvision COCO R50-FPN) | PATH."),
+    backbone_weights: Optional[str] = typer.Option(None, help="Backbone init: none | DEFAULT (ImageNet) | PATH."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs (default 26, lr x0.1 at 16 and 22)."),
+    batch_size: Optional[int] = typer.Option(None, help="Images per step (default 2)."),
+    device: Optional[str] = typer.Option(None, help="cpu | cuda | cuda:N."),
+    config: Optional[Path] = typer.Option(None, help=CONFIG_HELP),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+):
+    """Train (or fine-tune) a torchvision Mask R-CNN on COCO-format instances; RUN/detector.pt loads in
+    `vlcache extract --weights RUN/detector.pt`."""
+    from .pipeline.config import load_config
+    from .stages.detect.train import DetectorTrainConfig, train_detector
+
+    opts = {"instances": [str(p) for p in instances] if instances else None,
+            "val_instances": [str(p) for p in val_instances] if val_instances else None,
+            "dataset": str(dataset) if dataset else None, "image_root": str(image_root) if image_root else None,
+            "val_image_root": str(val_image_root) if val_image_root else None, "backbone": backbone,
+            "weights": weights, "backbone_weights": backbone_weights, "epochs": epochs, "batch_size": batch_size,
+            "device": device}
+    cfg = _run_guarded(load_config, DetectorTrainConfig, config, opts, set_)
+    summary = _run_guarded(train_detector, cfg, run)
+    typer.echo(json.dumps(summary, indent=2, default=str))
+
+
+@evaluate_app.command("detector")
+def evaluate_detector_cmd(
+    run: Path = typer.Option(..., help="Run directory of `vlcache train detector`."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Detector checkpoint (default RUN/detector.pt)."),
+    max_images: Optional[int] = typer.Option(None, help="Only the first N validation images."),
+    device: str = typer.Option("cpu", help="cpu | cuda."),
+):
+    """COCO bbox and segm AP (pycocotools COCOeval) on the run's validation images."""
+    from .stages.detect.evaluate import evaluate_detector
+
+    scores = _run_guarded(evaluate_detector, run, checkpoint=str(checkpoint) if checkpoint else None,
+                          device=device, max_images=max_images)
+    typer.echo(json.dumps(scores, indent=2, default=str))
+
+
 @app.command("demo")
 def demo_cmd(
     out: Path = typer.Option(Path("demo"), help="Working directory for the demo's dataset, store and runs."),

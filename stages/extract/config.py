@@ -24,7 +24,8 @@ class DetectorConfig:
 
 @dataclass
 class FeatureConfig:
-    backbone: str = "resnet101"  # ResNet-101 C5, as BUTD and Show-Attend-Tell use
+    backbone: str = "resnet101"  # ResNet-101 C5, as BUTD and Show-Attend-Tell use (or resnet18/34/50;
+    # a `vlcache train detector` checkpoint as weights brings its own trunk)
     weights: str = "DEFAULT"  # DEFAULT | PATH | none
     input_size: int = 448  # images resized to input_size^2 for the C5 map (SAT convention)
     grid_size: int = 14

@@ -231,11 +231,18 @@ class TorchvisionDetector:
             model = build(weights=None, weights_backbone=None, num_classes=len(categories), **kw)
             self.weights_id = "none (random init)"
         else:
+            from ..detect.model import arch_name, checkpoint_meta, model_from_meta
+
             sd = load_state_dict(weights, "detector")
             cls_w = sd.get("roi_heads.box_predictor.cls_score.weight")
             if cls_w is None:
                 raise DetectorError(f"{weights}: not a torchvision Mask R-CNN state dict (no box predictor)")
-            model = build(weights=None, weights_backbone=None, num_classes=cls_w.shape[0], **kw)
+            meta = checkpoint_meta(weights)  # `vlcache train detector` checkpoints name their own architecture
+            if meta is not None:
+                model, self.arch = model_from_meta(meta, **kw), arch_name(meta)
+                class_names = class_names if class_names is not None else meta["class_names"]
+            else:
+                model = build(weights=None, weights_backbone=None, num_classes=cls_w.shape[0], **kw)
             missing, unexpected = model.load_state_dict(sd, strict=False)
             # FrozenBatchNorm checkpoints lack BatchNorm's step counter; anything else is a real mismatch
             bad = [k for k in missing + unexpected if not k.endswith("num_batches_tracked")]
@@ -256,7 +263,8 @@ class TorchvisionDetector:
     def config(self) -> dict[str, Any]:
         import torchvision
 
-        return {"backend": "torchvision", "arch": f"maskrcnn_resnet50_fpn{'_v2' if self.arch == 'v2' else ''}",
+        arch = {"v2": "maskrcnn_resnet50_fpn_v2", "v1": "maskrcnn_resnet50_fpn"}.get(self.arch, self.arch)
+        return {"backend": "torchvision", "arch": arch,
                 "weights_id": self.weights_id, "weights_sha256": self.weights_sha256, **self.opts,
                 "mask_size": MASK_SIZE, "num_classes": len(self.class_names), "amp": self.amp,
                 "torchvision": torchvision.__version__}

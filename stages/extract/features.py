@@ -42,35 +42,48 @@ class FeatureRangeError(ValueError):
 
 
 class FeatureExtractor(nn.Module):
-    """Frozen ResNet-101 trunk up to C5 (eval mode, no gradients). ``weights``: "DEFAULT" (ImageNet), a
-    PATH to a state dict, or "none".
+    """Frozen ResNet trunk up to C5 (eval mode, no gradients); ResNet-101 by default (``backbone``:
+    resnet18/34/50/101). ``weights``: "DEFAULT" (ImageNet), a PATH to a state dict, a ``vlcache train
+    detector`` checkpoint (its own trained trunk, whose backbone then comes from the checkpoint), or "none".
 
     ``prepare(images)`` resizes and normalises a list of images to a (B,3,S,S) batch; ``forward(x)``
-    returns C5, (B, 2048, S/32, S/32).
+    returns C5, (B, channels, S/32, S/32) (channels 2048, or 512 for ResNet-18/34).
     """
 
-    def __init__(self, weights: str = "DEFAULT", input_size: int = 448):
+    def __init__(self, weights: str = "DEFAULT", input_size: int = 448, backbone: str = "resnet101"):
         super().__init__()
-        from torchvision.models import ResNet101_Weights, resnet101
+        import torchvision
 
         if input_size % STRIDE or input_size < STRIDE:
             raise DetectorError(f"input_size {input_size} must be a positive multiple of {STRIDE}")
+        if backbone not in ("resnet18", "resnet34", "resnet50", "resnet101"):
+            raise DetectorError(f"feature backbone {backbone!r}: choose resnet18, resnet34, resnet50 or resnet101")
         self.input_size = int(input_size)
+        self.backbone = backbone
         self.weights_sha256: str | None = None
         if weights == "DEFAULT":
-            self.weights_sha256 = fetch_torchvision_weights(ResNet101_Weights.DEFAULT)
-            self.weights_id = f"torchvision:{ResNet101_Weights.DEFAULT}"
-            net = resnet101(weights=ResNet101_Weights.DEFAULT)
+            enum = torchvision.models.get_model_weights(backbone).DEFAULT
+            self.weights_sha256 = fetch_torchvision_weights(enum)
+            self.weights_id = f"torchvision:{enum}"
+            net = getattr(torchvision.models, backbone)(weights=enum)
         elif weights == "none":
-            net = resnet101(weights=None, zero_init_residual=True)
+            net = getattr(torchvision.models, backbone)(weights=None, zero_init_residual=True)
             self.weights_id = "none (random init, zero_init_residual=True)"
         else:
-            net = resnet101(weights=None)
-            missing, unexpected = net.load_state_dict(load_state_dict(weights, "feature"), strict=False)
-            bad = [k for k in missing if not k.startswith("fc.")] + list(unexpected)  # the classifier is unused
-            if bad:
-                raise DetectorError(f"{weights}: does not fit torchvision resnet101; mismatched keys {bad[:5]}")
+            from ..detect.model import backbone_body_state, checkpoint_meta
+
+            sd, meta = load_state_dict(weights, "feature"), checkpoint_meta(weights)
+            if meta is not None:  # a `vlcache train detector` checkpoint: its own trained ResNet trunk
+                self.backbone, sd = meta["backbone"], backbone_body_state(sd)
+            net = getattr(torchvision.models, self.backbone)(weights=None)
+            missing, unexpected = net.load_state_dict(sd, strict=False)
+            # the classifier is unused; FrozenBatchNorm trunks lack BatchNorm's step counter
+            bad = [k for k in missing if not k.startswith("fc.") and not k.endswith("num_batches_tracked")]
+            if bad + list(unexpected):
+                raise DetectorError(f"{weights}: does not fit torchvision {self.backbone}; "
+                                    f"mismatched keys {(bad + list(unexpected))[:5]}")
             self.weights_id, self.weights_sha256 = str(weights), sha256_file(weights)
+        self.channels = net.fc.in_features  # C5 width: 2048 (ResNet-50/101), 512 (ResNet-18/34)
         self.trunk = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool,
                                    net.layer1, net.layer2, net.layer3, net.layer4)
         self.register_buffer("mean", torch.tensor(_MEAN).view(1, 3, 1, 1), persistent=False)
@@ -88,7 +101,7 @@ class FeatureExtractor(nn.Module):
         return self.trunk(x)
 
     def config(self) -> dict[str, Any]:
-        return {"backbone": "resnet101", "layer": "C5", "weights_id": self.weights_id,
+        return {"backbone": self.backbone, "layer": "C5", "weights_id": self.weights_id,
                 "weights_sha256": self.weights_sha256, "input_size": self.input_size, "resize": "square, bilinear"}
 
 

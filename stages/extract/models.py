@@ -30,7 +30,8 @@ class ExtractionModels:
 
     @property
     def dims(self) -> dict:
-        return {"region_dim": 2048, "grid_dim": 2048}
+        width = self.extractor.channels if self.extractor is not None else 2048
+        return {"region_dim": width, "grid_dim": width}
 
     def describe(self) -> dict:
         return {
@@ -130,9 +131,7 @@ def _build_models(cfg: ExtractConfig, dataset: Dataset, class_words: str | Path 
                                        device=device, amp=cfg.runtime.amp)
     extractor = None
     if groups & {"grid", "regions"}:
-        if f.backbone != "resnet101":
-            raise ValueError(f"features.backbone {f.backbone!r}: only resnet101 is supported")
-        extractor = FeatureExtractor(weights=f.weights, input_size=f.input_size).to(device)
+        extractor = FeatureExtractor(weights=f.weights, input_size=f.input_size, backbone=f.backbone).to(device)
     class_names = list(detector.class_names) if detector is not None else list(dataset.classes or [])
     matcher, source = None, "none"
     if "matches" in groups:
