@@ -6,12 +6,20 @@ options < --set key=value overrides (see vlcache.pipeline.config).
 
 from __future__ import annotations
 
+import functools
 import json
+import os
+import re
+import shlex
 import sys
+import traceback
 from pathlib import Path
 from typing import List, Optional
 
+import click
 import typer
+
+from .stages.extract.config import ExtractConfig
 
 app = typer.Typer(
     help="vlcache: extract Mask R-CNN masks, region and grid features once into a checksummed store, "
@@ -19,12 +27,13 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain errors: "Error: ..." on one line, and help that greps
 )
-datasets_app = typer.Typer(help="Datasets: generate the built-in synthetic dataset.", no_args_is_help=True)
-store_app = typer.Typer(help="Inspect, verify, import, copy and compare stores.", no_args_is_help=True)
-train_app = typer.Typer(help="Stage two: train models by streaming a store.", no_args_is_help=True)
-evaluate_app = typer.Typer(help="Evaluate a run directory on a split.", no_args_is_help=True)
-experiment_app = typer.Typer(help="Ablations over seeds, with mean ± std tables.", no_args_is_help=True)
+datasets_app = typer.Typer(help="Datasets: generate the built-in synthetic dataset.", no_args_is_help=True, rich_markup_mode=None)
+store_app = typer.Typer(help="Inspect, verify, import, copy and compare stores.", no_args_is_help=True, rich_markup_mode=None)
+train_app = typer.Typer(help="Stage two: train models by streaming a store.", no_args_is_help=True, rich_markup_mode=None)
+evaluate_app = typer.Typer(help="Evaluate a run directory on a split.", no_args_is_help=True, rich_markup_mode=None)
+experiment_app = typer.Typer(help="Ablations over seeds, with mean ± std tables.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(store_app, name="store")
 app.add_typer(train_app, name="train")
@@ -33,14 +42,95 @@ app.add_typer(experiment_app, name="experiment")
 
 CONFIG_HELP = "YAML config file (precedence: defaults < file < options < --set)."
 SET_HELP = "Override any config key: key=value (parsed as YAML)."
+EXIT_ERROR, EXIT_USAGE, EXIT_BAD_IMAGES, EXIT_INTERRUPTED = 1, 2, 3, 130
+_state = {"debug": bool(os.environ.get("VLCACHE_DEBUG"))}
 
 
-def _fail(message: str, code: int = 1) -> None:
+@app.callback()
+def _options(debug: bool = typer.Option(False, "--debug", help="On an error, also print its traceback.")):
+    """Exit codes: 0 done, 1 an error (one line naming the input and the fix), 2 a usage error, 3 extraction
+    finished with bad images (listed), 130 interrupted (Ctrl-C; the message gives the command that resumes)."""
+    _state["debug"] = _state["debug"] or debug
+
+
+def _fail(message: str, code: int = EXIT_ERROR) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
 
 
-@datasets_app.command("synth")
+def _usage(message: str) -> None:
+    """A usage error (exit 2), raised before anything is imported or written."""
+    raise typer.BadParameter(message)
+
+
+def _expected(e: BaseException) -> bool:
+    """Errors a user can fix (bad input, config, store, device): one line. Anything else is a bug: traceback."""
+    return isinstance(e, (ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
+                          NotADirectoryError)) or type(e).__module__.startswith("vlcache.")
+
+
+def _resume_hint() -> str:
+    return "rerun the same command to resume: " + shlex.join(["vlcache", *sys.argv[1:]])
+
+
+def _guarded(fn):
+    """Every command: expected errors become one line and exit 1 (traceback only with --debug); Ctrl-C
+    stops with where it stopped and the command that resumes."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, click.ClickException):
+            raise
+        except KeyboardInterrupt as e:
+            where = str(e) if str(e) else "interrupted"
+            typer.secho(f"\n{where}; {_resume_hint()}", fg=typer.colors.YELLOW, err=True)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except Exception as e:
+            if not _expected(e):
+                raise
+            if _state["debug"]:
+                traceback.print_exc()
+            _fail("; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__)
+
+    return wrapper
+
+
+def _command(group: typer.Typer, name: str):
+    """``@group.command(name)`` with the error handling of :func:`_guarded`."""
+
+    def deco(fn):
+        return group.command(name)(_guarded(fn))
+
+    return deco
+
+
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def _check_device(device: Optional[str], flag: str = "--device") -> None:
+    """Refuse a device this machine lacks before anything is written. Without an NVIDIA driver this needs no
+    torch import (the cheap check); with one, torch says whether CUDA (and that GPU index) is usable."""
+    if device is None:
+        return
+    if not _DEVICE.match(device):
+        _usage(f"{flag} {device!r}: expected cpu, cuda, cuda:N or auto")
+    if not device.startswith("cuda"):
+        return
+    no_driver = sys.platform.startswith("linux") and not any(
+        os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia/version"))
+    if not no_driver:
+        import torch
+
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if torch.cuda.is_available() and index < torch.cuda.device_count():
+            return
+    _fail(f"{flag} {device}: CUDA is not available on this machine"
+          + (" (no NVIDIA driver)" if no_driver else "") + f"; use {flag} cpu")
+
+
+@_command(datasets_app, "synth")
 def datasets_synth(
     out: Path = typer.Option(..., help="Output directory (images/, dataset_synth.json, instances.json)."),
     images: int = typer.Option(200, help="Number of images."),
@@ -54,38 +144,30 @@ def datasets_synth(
     typer.echo(f"wrote {images} images and captions: {path}")
 
 
-@store_app.command("info")
+@_command(store_app, "info")
 def store_info(
     url: str = typer.Argument(..., help="Store path or URL (directory, .h5 file, s3://..., memory://...)."),
     as_json: bool = typer.Option(False, "--json", help="Print the raw info as JSON."),
 ):
     """Schema, config, counts, done/total, size on disk, errors and match statistics of a store."""
-    from .storage.errors import StoreError
     from .storage.verify import format_info, info
 
-    try:
-        data = info(url)
-    except StoreError as e:
-        _fail(str(e))
+    data = info(url)
     typer.echo(json.dumps(data, indent=2, default=str) if as_json else format_info(data))
 
 
-@store_app.command("verify")
+@_command(store_app, "verify")
 def store_verify(url: str = typer.Argument(..., help="Store path or URL.")):
     """Read every chunk and check its checksum; list damaged chunks; exit code 1 if any."""
-    from .storage.errors import StoreError
     from .storage.verify import verify
 
-    try:
-        report = verify(url, progress=True)
-    except StoreError as e:
-        _fail(str(e))
+    report = verify(url, progress=True)
     typer.echo(report.describe())
     if not report.ok:
         raise typer.Exit(1)
 
 
-@store_app.command("import")
+@_command(store_app, "import")
 def store_import(
     dataset: Path = typer.Argument(..., help="Karpathy JSON, COCO captions JSON or JSONL of the images."),
     source: str = typer.Argument(..., help="BUTD TSV file/dir/glob, directory of .npz, or SCAN *_ims.npy."),
@@ -102,22 +184,18 @@ def store_import(
 
     Ids that do not match the dataset are reported (count and examples), never dropped silently.
     """
-    from .pipeline.datasets import DatasetError, load_dataset
-    from .stages.extract.importers import FeatureImportError, format_import_report, import_features
+    from .pipeline.datasets import load_dataset
+    from .stages.extract.importers import format_import_report, import_features
     from .stages.extract.matching import ClassWordMatcher
-    from .storage.errors import StoreError
 
-    try:
-        data = load_dataset(dataset, image_root, check_images=False)
-        matcher = ClassWordMatcher.coco() if match else None
-        report = import_features(data, source, out, fmt=fmt, ids_file=ids_file, block_size=block_size,
-                                 regions=regions, matcher=matcher, overwrite=overwrite)
-    except (DatasetError, FeatureImportError, StoreError, ValueError, FileNotFoundError) as e:
-        _fail(str(e))
+    data = load_dataset(dataset, image_root, check_images=False)
+    matcher = ClassWordMatcher.coco() if match else None
+    report = import_features(data, source, out, fmt=fmt, ids_file=ids_file, block_size=block_size,
+                             regions=regions, matcher=matcher, overwrite=overwrite)
     typer.echo(format_import_report(report))
 
 
-@store_app.command("copy")
+@_command(store_app, "copy")
 def store_copy(
     src: str = typer.Argument(..., help="Source store (path or URL)."),
     dst: str = typer.Argument(..., help="Destination (path or URL; .h5 for one HDF5 file)."),
@@ -130,210 +208,249 @@ def store_copy(
     """
     from .storage.sharing import copy_store
 
-    rep = _run_guarded(copy_store, src, dst, force=force, progress=True, workers=workers)
+    rep = copy_store(src, dst, force=force, progress=True, workers=workers)
     typer.echo(rep.summary())
     raise typer.Exit(0 if rep.complete else 3)
 
 
-@store_app.command("diff")
+@_command(store_app, "diff")
 def store_diff(a: str = typer.Argument(...), b: str = typer.Argument(...)):
     """Same schema? same config? same rows? which arrays differ? Exit 0 when identical, 1 otherwise."""
     from .storage.sharing import diff_stores
 
-    rep = _run_guarded(diff_stores, a, b, progress=True)
+    rep = diff_stores(a, b, progress=True)
     typer.echo(rep.summary())
     raise typer.Exit(0 if rep.identical else 1)
 
 
-@app.command("inspect")
+@_command(app, "inspect")
 def inspect_cmd(
     url: str = typer.Argument(..., help="Store path or URL."),
-    image: str = typer.Option(..., "--image", help="Image id, or row number."),
+    image: Optional[str] = typer.Option(None, "--image", help="Image id (images/id; for COCO the image id).",
+                                        show_default="none: give --image or --row"),
+    row: Optional[int] = typer.Option(None, "--row", help="Row number in the store (0..N-1).",
+                                      show_default="none: give --image or --row"),
     caption: int = typer.Option(0, help="Caption index."),
-    word: Optional[str] = typer.Option(None, help="Highlight this matched word's merged mask."),
+    word: Optional[str] = typer.Option(None, help="Highlight this matched word's merged mask.", show_default="all"),
     out: Path = typer.Option(Path("fig.png"), help="PNG to write."),
-    image_root: Optional[Path] = typer.Option(None, help="Image folder, if the images moved."),
+    image_root: Optional[Path] = typer.Option(None, help="Image folder, if the images moved.",
+                                              show_default="the store's"),
 ):
     """Draw one image with its cached masks, classes, scores and matched caption words to a PNG."""
+    if (image is None) == (row is None):
+        _usage("give the image as --image ID or as --row N (one of them)")
     from .storage.figures import inspect_image
+    from .storage.store import open_store
 
-    typer.echo(_run_guarded(inspect_image, url, image, caption=caption, word=word, out=out, image_root=image_root))
+    with open_store(url, image_root=image_root) as store:
+        n = len(store)
+        if row is not None and not 0 <= row < n:
+            _fail(f"--row {row}: store {url} has {n} rows (0..{n - 1})")
+        if image is not None:
+            try:
+                row = store.index_of(image)
+            except KeyError:
+                examples = ", ".join(repr(str(i)) for i in store.ids[:3])
+                _fail(f"store {url} has no image with id {image!r} (its ids look like {examples}); "
+                      f"for a row number use --row (0..{n - 1})")
+    typer.echo(inspect_image(url, row, caption=caption, word=word, out=out, image_root=image_root))
 
 
-@app.command("extract")
+_X = ExtractConfig()  # the defaults --help shows (a plain dataclass: no torch import)
+@_command(app, "extract")
 def extract_cmd(
     dataset: Path = typer.Option(..., help="Karpathy JSON, COCO captions JSON or JSONL file."),
     out: str = typer.Option(..., help="Store to create or resume (directory, .h5 file or URL)."),
-    image_root: Optional[Path] = typer.Option(None, help="Image folder (default: beside the dataset file)."),
-    instances: Optional[Path] = typer.Option(None, help="COCO instances JSON (COCO captions input)."),
-    config: Optional[Path] = typer.Option(None, help="YAML config file."),
-    detector: Optional[str] = typer.Option(None, help="Detector backend: torchvision | detectron2 | annotations."),
-    weights: Optional[str] = typer.Option(None, help="Detector weights: DEFAULT | PATH | none (random init)."),
-    backbone_weights: Optional[str] = typer.Option(None, help="ResNet weights for features: DEFAULT | PATH | none."),
-    match: Optional[str] = typer.Option(None, help="Class-word matching: synonyms | exact."),
-    class_words: Optional[Path] = typer.Option(None, help="Synonym table (class, word, word...) per line."),
-    split: Optional[str] = typer.Option(None, help="Only this split (train | val | test)."),
-    limit: Optional[int] = typer.Option(None, help="Only the first N images."),
-    batch_size: Optional[int] = typer.Option(None, help="Images per forward pass."),
-    num_workers: Optional[int] = typer.Option(None, help="Image-decoding worker processes."),
-    device: Optional[str] = typer.Option(None, help="cpu | cuda | cuda:N."),
+    image_root: Optional[Path] = typer.Option(None, help="Image folder.", show_default="beside the dataset file"),
+    instances: Optional[List[Path]] = typer.Option(
+        None, help="COCO instances JSON (repeatable), for any dataset format: attached by COCO image id where "
+        "the dataset has them (Karpathy cocoid, COCO captions), else by file name. Needed by --detector "
+        "annotations; gives the class names.", show_default="none"),
+    config: Optional[Path] = typer.Option(None, help=CONFIG_HELP, show_default="none"),
+    detector: Optional[str] = typer.Option(None, help="Detector backend: torchvision | detectron2 | annotations.",
+                                           show_default=_X.detector.backend),
+    weights: Optional[str] = typer.Option(
+        None, help="Weights of EVERY model (detector and feature backbone): DEFAULT = torchvision's pretrained "
+        "(downloaded once into the torch hub cache), none = random init (nothing downloaded; offline), PATH = a "
+        "`vlcache train detector` checkpoint (it holds both). --detector-weights / --backbone-weights override "
+        "it per model (a plain state dict fits one model).", show_default=_X.detector.weights),
+    detector_weights: Optional[str] = typer.Option(None, help="Detector weights: DEFAULT | PATH | none.",
+                                                   show_default="--weights"),
+    backbone_weights: Optional[str] = typer.Option(None, help="Feature backbone (ResNet-101) weights: DEFAULT | "
+                                                   "PATH | none.", show_default="--weights"),
+    match: Optional[str] = typer.Option(None, help="Class-word matching: synonyms | exact.", show_default=_X.match),
+    class_words: Optional[Path] = typer.Option(None, help="Synonym table (class, word, word...) per line.",
+                                               show_default="class_words.txt beside the dataset, else the COCO table"),
+    split: Optional[str] = typer.Option(None, help="Only this split (train | val | test).", show_default="all"),
+    limit: Optional[int] = typer.Option(None, help="Only the first N images.", show_default="all"),
+    batch_size: Optional[int] = typer.Option(None, help="Images per forward pass.",
+                                             show_default=str(_X.runtime.batch_size)),
+    num_workers: Optional[int] = typer.Option(None, help="Image-decoding worker processes.",
+                                              show_default=str(_X.runtime.num_workers)),
+    device: Optional[str] = typer.Option(None, help="cpu | cuda | cuda:N.", show_default=_X.runtime.device),
     strict: bool = typer.Option(False, "--strict", help="Stop at the first bad image."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start over if the store has another config."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override any config key: key.sub=value."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override any config key: key.sub=value "
+                                             "(e.g. detector.min_size=480; every key: stages/extract/config.py)."),
 ):
     """Stage one: detector masks, bottom-up regions, grid features and class-word matches into a store.
 
     Resumes automatically: rerunning on the same store continues with the blocks not done.
     Multi-GPU / multi-node: launch with torchrun; ranks own disjoint blocks.
     """
-    from .pipeline.config import ConfigError, load_config
-    from .pipeline.datasets import DatasetError, load_dataset
-    from .stages.extract.config import ExtractConfig
-    from .stages.extract.loop import StrictModeError, extract
-    from .storage.errors import StoreError
+    from .pipeline.config import load_config
+    from .pipeline.datasets import load_dataset
 
+    _check_device(device)
     options = {
-        "detector.backend": detector, "detector.weights": weights, "features.weights": backbone_weights,
-        "match": match, "split": split, "limit": limit, "runtime.batch_size": batch_size,
-        "runtime.num_workers": num_workers, "runtime.device": device, "runtime.strict": strict or None,
+        "detector.backend": detector, "detector.weights": detector_weights or weights,
+        "features.weights": backbone_weights or weights, "match": match, "split": split, "limit": limit,
+        "runtime.batch_size": batch_size, "runtime.num_workers": num_workers, "runtime.device": device,
+        "runtime.strict": strict or None,
     }
-    try:
-        cfg = load_config(ExtractConfig, config, options, set_)
-        data = load_dataset(dataset, image_root, instances=instances, check_images=False)
-        summary = extract(data, out, cfg, overwrite=overwrite, class_words=class_words)
-    except (ConfigError, DatasetError, StoreError, StrictModeError, ValueError) as e:
-        _fail(str(e))
+    cfg = load_config(ExtractConfig, config, options, set_)
+    _check_device(cfg.runtime.device, "runtime.device")
+    data = load_dataset(dataset, image_root, instances=instances, check_images=False)
+
+    from .stages.extract.loop import extract  # imports torch: after the cheap checks
+
+    summary = extract(data, out, cfg, overwrite=overwrite, class_words=class_words)
     typer.echo(summary.describe())
 
 
-def _run_guarded(fn, *args, **kwargs):
-    """Call library code; turn the errors users can fix into one clear line and exit code 1."""
-    from .pipeline.config import ConfigError
-    from .storage.errors import StoreError
-
-    try:
-        return fn(*args, **kwargs)
-    except (ConfigError, StoreError, ValueError, FileNotFoundError) as e:
-        _fail(str(e))
-
-
-@store_app.command("text-cache")
+@_command(store_app, "text-cache")
 def store_text_cache(
     store: str = typer.Option(..., help="The main store (complete)."),
     out: str = typer.Option(..., help="Where to write the text cache store (row-aligned to the main one)."),
-    bert: Optional[str] = typer.Option(None, help="BERT name or local dir (default: bundled all-MiniLM-L6-v2)."),
+    bert: Optional[str] = typer.Option(None, help="BERT name or local dir.",
+                                       show_default="the bundled all-MiniLM-L6-v2"),
     max_len: int = typer.Option(32, help="Subword tokens per caption."),
-    device: str = typer.Option("cpu", help="cpu | cuda."),
-    overwrite: bool = typer.Option(False, "--overwrite"),
+    device: str = typer.Option("cpu", help="cpu | cuda | cuda:N."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing text cache."),
 ):
     """Precompute the frozen BERT's token outputs for every caption once (MMCA/SLAN train from it)."""
+    _check_device(device)
     from .stages.train.text_cache import build_text_cache
 
-    res = _run_guarded(build_text_cache, store, out, bert=bert, max_len=max_len, device=device,
-                       overwrite=overwrite, progress=True)
+    res = build_text_cache(store, out, bert=bert, max_len=max_len, device=device, overwrite=overwrite,
+                           progress=True)
     typer.echo(f"text cache {res['url']}: {res['blocks_written']} blocks written, complete={res['complete']}")
 
 
-@train_app.command("caption")
+@_command(train_app, "caption")
 def train_caption_cmd(
-    store: Optional[str] = typer.Option(None, help="Store URL or path."),
+    store: Optional[str] = typer.Option(None, help="Store URL or path.", show_default="from --config"),
     run: Path = typer.Option(..., help="Run directory (created, or resumed)."),
-    config: Optional[Path] = typer.Option(None, help=CONFIG_HELP),
-    ica_weight: Optional[float] = typer.Option(None, help="ICA loss weight lambda_aux (0 = baseline)."),
-    epochs: Optional[int] = typer.Option(None),
-    batch_images: Optional[int] = typer.Option(None, help="Images per step (all their captions are samples)."),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda."),
-    num_workers: Optional[int] = typer.Option(None),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    config: Optional[Path] = typer.Option(None, help=CONFIG_HELP, show_default="none"),
+    # show_default: CaptionTrainConfig's defaults (its module imports torch; a test keeps these equal)
+    ica_weight: Optional[float] = typer.Option(None, help="ICA loss weight lambda_aux (0 = baseline).",
+                                               show_default="0.1"),
+    epochs: Optional[int] = typer.Option(None, help="Epochs.", show_default="20"),
+    batch_images: Optional[int] = typer.Option(None, help="Images per step (all their captions are samples).",
+                                               show_default="16"),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N.", show_default="auto"),
+    num_workers: Optional[int] = typer.Option(None, help="Data-loading worker processes.", show_default="2"),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP + " Every key: vlcache/stages/train/"
+                                             "caption_train.py (CaptionTrainConfig)."),
 ):
     """Show-Attend-Tell (+ ICA loss) on the store's grid features; resumes from RUN if it exists."""
+    _check_device(device)
     from .pipeline.config import load_config
     from .stages.train.caption_train import CaptionTrainConfig, train_caption
 
     opts = {"store": store, "ica_weight": ica_weight, "epochs": epochs, "batch_images": batch_images,
             "device": device, "num_workers": num_workers}
-    cfg = _run_guarded(load_config, CaptionTrainConfig, config, opts, set_)
-    summary = _run_guarded(train_caption, cfg, run)
+    cfg = load_config(CaptionTrainConfig, config, opts, set_)
+    _check_device(cfg.device, "device (config)")
+    summary = train_caption(cfg, run)
     typer.echo(json.dumps(summary, indent=2, default=str))
 
 
-@evaluate_app.command("caption")
+@_command(evaluate_app, "caption")
 def evaluate_caption_cmd(
-    run: Path = typer.Option(..., help="Run directory."),
-    split: str = typer.Option("test"),
-    beam_size: Optional[int] = typer.Option(None),
-    max_images: Optional[int] = typer.Option(None),
+    run: Path = typer.Option(..., help="Run directory (of vlcache train caption)."),
+    split: str = typer.Option("test", help="train | val | test."),
+    beam_size: Optional[int] = typer.Option(None, help="Beam width.", show_default="the run's beam_size (3)"),
+    max_images: Optional[int] = typer.Option(None, help="Only the split's first N images.", show_default="all"),
     figures: int = typer.Option(8, help="Attention figures to draw."),
 ):
     """Beam search + pycocoevalcap (BLEU, METEOR, ROUGE-L, CIDEr; SPICE if its jars exist) + attention metrics."""
+    _check_run(run, "caption")
     from .stages.train.caption_eval import evaluate_caption
 
-    scores = _run_guarded(evaluate_caption, run, split, beam_size=beam_size, max_images=max_images,
-                          figures=figures, progress=True)
+    scores = evaluate_caption(run, split, beam_size=beam_size, max_images=max_images, figures=figures,
+                              progress=True)
     typer.echo(json.dumps(scores, indent=2, default=str))
     typer.echo(f"report: {run / 'report.md'}")
 
 
-@experiment_app.command("ica")
+@_command(experiment_app, "ica")
 def experiment_ica_cmd(
-    store: str = typer.Option(...),
-    seeds: int = typer.Option(3),
+    store: str = typer.Option(..., help="Store URL or path."),
+    seeds: int = typer.Option(3, help="Seeds 0..N-1, each trained as baseline and +ICA."),
     name: str = typer.Option("ica", help="Runs go to RUNS_ROOT/NAME/."),
-    runs_root: Path = typer.Option(Path("runs")),
-    config: Optional[Path] = typer.Option(None, help=CONFIG_HELP),
+    runs_root: Path = typer.Option(Path("runs"), help="Folder of run directories."),
+    config: Optional[Path] = typer.Option(None, help=CONFIG_HELP, show_default="none"),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
 ):
     """Baseline vs +ICA captioning with the same seeds; table of mean ± std (seed 000, Table 1)."""
     from .stages.train.experiment import run_ica_experiment
 
-    res = _run_guarded(run_ica_experiment, store, seeds, name=name, runs_root=runs_root, config_file=config,
-                       overrides=set_)
+    res = run_ica_experiment(store, seeds, name=name, runs_root=runs_root, config_file=config, overrides=set_)
     typer.echo(res.get("table", ""))
 
 
-@train_app.command("match")
+@_command(train_app, "match")
 def train_match_cmd(
-    model: str = typer.Option("scan", help="scan | mmca | slan."),
-    store: Optional[str] = typer.Option(None, help="Store URL or path."),
+    # show_default: MatchTrainConfig's defaults (its module imports torch; a test keeps these equal)
+    model: Optional[str] = typer.Option(None, help="scan | mmca | slan.", show_default="scan"),
+    store: Optional[str] = typer.Option(None, help="Store URL or path.", show_default="from --config"),
     run: Path = typer.Option(..., help="Run directory (created, or resumed)."),
-    text_cache: Optional[str] = typer.Option(None, help="Text cache store (MMCA/SLAN)."),
-    ccr: Optional[float] = typer.Option(None, help="CCR constraint weight."),
-    ccs: Optional[float] = typer.Option(None, help="CCS constraint weight."),
-    ica: Optional[float] = typer.Option(None, help="ICA (Lovász) attention loss weight."),
-    epochs: Optional[int] = typer.Option(None),
-    batch_size: Optional[int] = typer.Option(None),
-    device: Optional[str] = typer.Option(None),
-    config: Optional[Path] = typer.Option(None, help=CONFIG_HELP),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    text_cache: Optional[str] = typer.Option(None, help="Text cache store (MMCA/SLAN).",
+                                             show_default="BERT runs online"),
+    ccr: Optional[float] = typer.Option(None, help="CCR constraint weight.", show_default="0.0"),
+    ccs: Optional[float] = typer.Option(None, help="CCS constraint weight.", show_default="0.0"),
+    ica: Optional[float] = typer.Option(None, help="ICA (Lovász) attention loss weight.", show_default="0.0"),
+    epochs: Optional[int] = typer.Option(None, help="Epochs.", show_default="20"),
+    batch_size: Optional[int] = typer.Option(None, help="Images per step.", show_default="64"),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N.", show_default="auto"),
+    config: Optional[Path] = typer.Option(None, help=CONFIG_HELP, show_default="none"),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP + " Every key: vlcache/stages/train/"
+                                             "match_train.py (MatchTrainConfig)."),
 ):
     """Image-text matching (SCAN, MMCA, SLAN) with optional CCR/CCS/ICA attention terms."""
+    _check_device(device)
     from .pipeline.config import load_config
     from .stages.train.match_train import MatchTrainConfig, train_match
 
     opts = {"model": model, "store": store, "text_cache": text_cache, "ccr": ccr, "ccs": ccs, "ica": ica,
             "epochs": epochs, "batch_size": batch_size, "device": device}
-    cfg = _run_guarded(load_config, MatchTrainConfig, config, opts, set_)
-    summary = _run_guarded(train_match, cfg, run)
+    cfg = load_config(MatchTrainConfig, config, opts, set_)
+    _check_device(cfg.device, "device (config)")
+    summary = train_match(cfg, run)
     typer.echo(json.dumps(summary, indent=2, default=str))
 
 
-@evaluate_app.command("match")
+@_command(evaluate_app, "match")
 def evaluate_match_cmd(
-    run: Path = typer.Option(..., help="Run directory."),
-    split: str = typer.Option("test"),
-    rerank_top: Optional[int] = typer.Option(None, help="MMCA: shortlist by i0·c0, rerank the top K exactly."),
-    entities: Optional[Path] = typer.Option(None, help="Flickr30k Entities directory (Annotations/, Sentences/)."),
-    figures: int = typer.Option(6),
+    run: Path = typer.Option(..., help="Run directory (of vlcache train match)."),
+    split: str = typer.Option("test", help="train | val | test."),
+    rerank_top: Optional[int] = typer.Option(None, help="MMCA: shortlist by i0·c0, rerank the top K exactly.",
+                                             show_default="exact scoring"),
+    entities: Optional[Path] = typer.Option(None, help="Flickr30k Entities directory (Annotations/, Sentences/).",
+                                            show_default="none"),
+    figures: int = typer.Option(6, help="Attention figures to draw."),
 ):
     """R@1/5/10 both ways, rsum (COCO 1K/5K, Flickr 1K), attention P/R/F1, figures, report.md."""
+    _check_run(run, "match")
     from .stages.train.match_eval import evaluate_match
 
-    scores = _run_guarded(evaluate_match, run, split, rerank_top=rerank_top, entities=entities, figures=figures)
+    scores = evaluate_match(run, split, rerank_top=rerank_top, entities=entities, figures=figures)
     typer.echo(json.dumps(scores, indent=2, default=str))
     typer.echo(f"report: {run / 'report.md'}")
 
 
-@experiment_app.command("match")
+@_command(experiment_app, "match")
 def experiment_match_cmd(
     store: str = typer.Option(...),
     model: str = typer.Option("scan"),
@@ -347,12 +464,12 @@ def experiment_match_cmd(
     """Baseline, +CCR, +CCS, +CCR+CCS, +ICA with the same seeds; table of R@K and attention metrics."""
     from .stages.train.match_eval import run_match_ablation
 
-    res = _run_guarded(run_match_ablation, store, model, seeds, name=name, runs_root=runs_root,
+    res = run_match_ablation(store, model, seeds, name=name, runs_root=runs_root,
                        config_file=config, overrides=set_, weight=weight)
     typer.echo(res.get("table", "") if isinstance(res, dict) else str(res))
 
 
-@experiment_app.command("slan")
+@_command(experiment_app, "slan")
 def experiment_slan_cmd(
     store: str = typer.Option(..., help="Store with grid features (G >= 7) and region boxes."),
     text_cache: Optional[str] = typer.Option(None, help="Text cache store (vlcache store text-cache)."),
@@ -365,12 +482,12 @@ def experiment_slan_cmd(
     """SLAN: frozen boxes vs 1, 2, 3 adaptor levels, and the filter threshold on/off (seed 003, Tables 5-6)."""
     from .stages.train.slan_train import run_slan_ablation
 
-    res = _run_guarded(run_slan_ablation, store, seeds, name=name, runs_root=runs_root, config_file=config,
+    res = run_slan_ablation(store, seeds, name=name, runs_root=runs_root, config_file=config,
                        options={"text_cache": text_cache}, overrides=set_)
     typer.echo(res.get("table", "") if isinstance(res, dict) else str(res))
 
 
-@train_app.command("detector")
+@_command(train_app, "detector")
 def train_detector_cmd(
     run: Path = typer.Option(..., help="Run directory (created, or resumed from its last checkpoint)."),
     instances: Optional[List[Path]] = typer.Option(None, help="COCO instances JSON (repeatable): training images, "
@@ -391,6 +508,7 @@ def train_detector_cmd(
 ):
     """Train (or fine-tune) a torchvision Mask R-CNN on COCO-format instances; RUN/detector.pt loads in
     `vlcache extract --weights RUN/detector.pt`."""
+    _check_device(device)
     from .pipeline.config import load_config
     from .stages.detect.train import DetectorTrainConfig, train_detector
 
@@ -400,12 +518,13 @@ def train_detector_cmd(
             "val_image_root": str(val_image_root) if val_image_root else None, "backbone": backbone,
             "weights": weights, "backbone_weights": backbone_weights, "epochs": epochs, "batch_size": batch_size,
             "device": device}
-    cfg = _run_guarded(load_config, DetectorTrainConfig, config, opts, set_)
-    summary = _run_guarded(train_detector, cfg, run)
+    cfg = load_config(DetectorTrainConfig, config, opts, set_)
+    _check_device(cfg.device, "device (config)")
+    summary = train_detector(cfg, run)
     typer.echo(json.dumps(summary, indent=2, default=str))
 
 
-@evaluate_app.command("detector")
+@_command(evaluate_app, "detector")
 def evaluate_detector_cmd(
     run: Path = typer.Option(..., help="Run directory of `vlcache train detector`."),
     checkpoint: Optional[Path] = typer.Option(None, help="Detector checkpoint (default RUN/detector.pt)."),
@@ -415,21 +534,37 @@ def evaluate_detector_cmd(
     """COCO bbox and segm AP (pycocotools COCOeval) on the run's validation images."""
     from .stages.detect.evaluate import evaluate_detector
 
-    scores = _run_guarded(evaluate_detector, run, checkpoint=str(checkpoint) if checkpoint else None,
-                          device=device, max_images=max_images)
+    _check_device(device)
+    scores = evaluate_detector(run, checkpoint=str(checkpoint) if checkpoint else None, device=device,
+                               max_images=max_images)
     typer.echo(json.dumps(scores, indent=2, default=str))
 
 
-@app.command("demo")
+@_command(app, "demo")
 def demo_cmd(
     out: Path = typer.Option(Path("demo"), help="Working directory for the demo's dataset, store and runs."),
     images: int = typer.Option(200, help="Synthetic images."),
-    device: str = typer.Option("cpu", help="cpu | cuda."),
+    device: str = typer.Option("cpu", help="cpu | cuda | cuda:N."),
 ):
     """The whole pipeline on the built-in synthetic dataset: generate, extract, inspect, train, evaluate."""
+    _check_device(device)
     from .pipeline.demo import run_demo
 
     run_demo(out, n_images=images, device=device)
+
+
+def _check_run(run: Path, kind: str) -> None:
+    """A run directory of the right kind (caption or match), checked before torch is imported."""
+    import yaml
+
+    path = run / "config.yaml"
+    if not path.is_file():
+        _fail(f"{run} is not a run directory (no config.yaml); train one first: vlcache train {kind} --run {run} ...")
+    cfg = yaml.safe_load(path.read_text()) or {}
+    found = "match" if isinstance(cfg.get("model"), str) else "caption"  # a matching run names its model
+    if found != kind:
+        what = f"matching run ({cfg['model']})" if found == "match" else "captioning run"
+        _fail(f"{run} is a {what}: evaluate it with vlcache evaluate {found} --run {run}")
 
 
 def main() -> None:

@@ -147,7 +147,9 @@ def test_default_weights_offline_gives_clear_message(tmp_path):
             "except Exception as e:\n    print(type(e).__name__, e)\n")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert "DetectorError" in r.stdout, r.stdout + r.stderr
-    assert "no internet: pass --weights PATH or --weights none" in r.stdout
+    # the detector's own flag, and the one flag that gives random weights for every model
+    assert "no internet: pass --detector-weights PATH (a local copy of that file; config key detector.weights), " \
+           "or --weights none for random init of every model" in r.stdout
     assert "maskrcnn_resnet50_fpn_v2_coco" in r.stdout
 
 

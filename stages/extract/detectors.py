@@ -36,7 +36,9 @@ from ...pipeline.registry import Registry
 DETECTORS = Registry("detector")
 MASK_SIZE = 28
 
-NO_INTERNET = "no internet: pass --weights PATH or --weights none"
+# how to get going offline, naming the per-model flag (and config key) that needs a local file
+NO_INTERNET = ("no internet: pass {flag} PATH (a local copy of that file; config key {key}), "
+               "or --weights none for random init of every model")
 D2_MISSING = (
     "detectron2 is not installed; build it from source: "
     "pip install 'git+https://github.com/facebookresearch/detectron2.git' "
@@ -166,13 +168,15 @@ def grid_boxes(height: int, width: int, levels: Sequence[int] = (1, 2, 3, 4)) ->
     return np.asarray(out, np.float32).reshape(-1, 4)
 
 
-def fetch_torchvision_weights(weights) -> str:
+def fetch_torchvision_weights(weights, flag: str = "--detector-weights", key: str = "detector.weights") -> str:
     """Download torchvision ``weights`` into the torch hub cache (a no-op when cached), before any model
-    is built, so that offline use fails fast with a clear message; returns the file's sha256."""
+    is built, so that offline use fails fast with a message naming ``flag`` (the model's own option);
+    returns the file's sha256."""
     try:
         torch.hub.load_state_dict_from_url(weights.url, progress=True, check_hash=True, weights_only=True)
     except OSError as e:  # URLError and socket errors
-        raise DetectorError(f"could not fetch {weights.url} ({e}); {NO_INTERNET}") from None
+        raise DetectorError(f"could not fetch {weights.url} ({e}); "
+                            + NO_INTERNET.format(flag=flag, key=key)) from None
     return sha256_file(Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url))
 
 

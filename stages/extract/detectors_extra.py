@@ -83,7 +83,7 @@ class Detectron2Detector:
         if weights == "DEFAULT":
             source = model_zoo.get_checkpoint_url(config) if from_zoo else cfg.MODEL.WEIGHTS
             if not source:
-                raise DetectorError(f"{config}: no MODEL.WEIGHTS in the config; pass --weights PATH or none")
+                raise DetectorError(f"{config}: no MODEL.WEIGHTS in the config; pass --detector-weights PATH, or --weights none")
         elif weights != "none":
             source = str(weights)
         self.weights_id, self.weights_sha256 = source or "none (random init)", None
@@ -91,7 +91,8 @@ class Detectron2Detector:
             try:
                 DetectionCheckpointer(self.model).load(source)
             except OSError as e:
-                raise DetectorError(f"could not load {source} ({e}); {NO_INTERNET}") from None
+                raise DetectorError(f"could not load {source} ({e}); "
+                                    + NO_INTERNET.format(flag="--detector-weights", key="detector.weights")) from None
             from detectron2.utils.file_io import PathManager
 
             local = PathManager.get_local_path(source)  # the downloaded copy of a URL

@@ -63,7 +63,7 @@ class FeatureExtractor(nn.Module):
         self.weights_sha256: str | None = None
         if weights == "DEFAULT":
             enum = torchvision.models.get_model_weights(backbone).DEFAULT
-            self.weights_sha256 = fetch_torchvision_weights(enum)
+            self.weights_sha256 = fetch_torchvision_weights(enum, "--backbone-weights", "features.weights")
             self.weights_id = f"torchvision:{enum}"
             net = getattr(torchvision.models, backbone)(weights=enum)
         elif weights == "none":
