@@ -6,7 +6,7 @@
 Runs, each in its own subprocess with its own time limit and (unless ``--full``) a reduced size so the
 whole run fits in ~15 minutes on a 2-core CPU machine:
 
-    bench/stream.py        streaming reader vs a per-image .npz directory vs in-RAM numpy
+    bench/stream.py        streaming reader: the store vs LMDB, HDF5, TSV, .npz, memory-mapped .npy, RAM; S3
     bench/train_caption.py training from the store vs with the detector online
     bench/extract.py       extraction loop vs bare model forward; bytes per image and per mask; 1 vs 2 workers
     bench/match_eval.py    MMCA exact vs shortlist-and-rerank evaluation
@@ -57,8 +57,10 @@ class Step:
 
 
 STEPS = [
-    Step("stream", "stream.py", ["--images", "512", "--workers", "0", "2", "--seconds", "2"], 240,
-         data="BUTD-style rows (36 x 2048 float16 + boxes), 512 rows; batch 64; 0 and 2 DataLoader workers"),
+    Step("stream", "stream.py", ["--images", "1024", "--workers", "0", "2", "--seconds", "1", "--remote-rows", "256"],
+         420, json_flag=True,
+         data="BUTD-style rows (36 x 2048 float16 + boxes), 1024 rows, in every layout of bench/layouts.py; batch 64; "
+              "0 and 2 DataLoader workers, warm and cold page cache; S3 via moto"),
     Step("train_caption", "train_caption.py",
          ["--images", "16", "--store-steps", "4", "--online-batches", "1"], 330, takes_device=True, json_flag=True,
          data="synthetic images, 14x14x2048 grid store; SAT+ICA 512-d, batch 8 images; online = decode + "
@@ -134,27 +136,10 @@ def run_step(step: Step, args, limit_s: float, json_path: Path) -> Outcome:
 
 
 # ---------------------------------------------------------------------------------------- parsers
-def parse_stream(text: str, _: dict) -> dict:
-    table = {}
-    row = r"^(store|npz|ram|ram-gather)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+) MiB(?:\s+(\d+) MiB)?"
-    for m in re.finditer(row, text, re.M):
-        kind, w, rows = m.group(1), int(m.group(2)), int(m.group(3))
-        table[f"{kind}/w{w}/{rows}"] = {"samples_per_s": num(m.group(4)), "rss_main_mb": num(m.group(5)),
-                                       "rss_worker_mb": num(m.group(6)) if m.group(6) else None}
-    ratios = {}
-    pat = (r"workers=(\d+): store/npz = " + NUM + r"x .*?store/in-RAM = " + NUM + r"x .*?store/in-RAM gather = " + NUM
-           + r"x; store peak RSS (\d+) -> (\d+) MiB \(main\)(?:, (\d+) -> (\d+) MiB \(worker\))?"
-           + r" for (\d+) -> (\d+) rows")
-    for m in re.finditer(pat, text):
-        g = m.groups()
-        ratios[int(g[0])] = {"store_vs_npz": num(g[1]), "store_vs_ram": num(g[2]), "store_vs_ram_gather": num(g[3]),
-                             "rss_main_small_big": [num(g[4]), num(g[5])],
-                             "rss_worker_small_big": [num(g[6]), num(g[7])] if g[6] else None,
-                             "rows_small_big": [int(g[8]), int(g[9])]}
-    if not ratios:
-        raise ValueError("no 'workers=N: store/npz = ...' line")
-    m = re.search(r"^data: (.*)$", text, re.M)
-    return {"table": table, "ratios": ratios, "data": m.group(1) if m else ""}
+def parse_stream(text: str, results: dict) -> dict:
+    if not results or not results.get("results"):
+        raise ValueError("no JSON results")
+    return results
 
 
 def parse_train_caption(text: str, results: dict) -> dict:
@@ -229,18 +214,26 @@ def summary_rows(outcomes: dict[str, Outcome]) -> list[dict]:
 
     r = outcomes.get("stream")
     if r and r.results:
-        for w, x in sorted(r.results["ratios"].items()):
-            add("reader", f"store vs per-image .npz, samples/s ({w} workers)", f"{x['store_vs_npz']:.1f}x", ">= 5x",
-                x["store_vs_npz"] >= 5, "stream")
-            add("reader", f"store vs in-RAM numpy, samples/s ({w} workers)", f"{x['store_vs_ram']:.2f}x", ">= 0.3x",
-                x["store_vs_ram"] >= 0.3, "stream")
-            t = r.results["table"]
-            n = x["rows_small_big"][1]
-            where = "rss_worker_mb" if w else "rss_main_mb"  # with workers, the reading happens in them
-            mem = {k: t.get(f"{k}/w{w}/{n}", {}).get(where) for k in ("store", "npz", "ram")}
-            if all(mem.values()):
-                add("reader", f"peak RSS {'largest worker' if w else 'main process'}, store / npz / RAM ({w} workers)",
-                    f"{mem['store']:.0f} / {mem['npz']:.0f} / {mem['ram']:.0f} MiB", "", None, "stream")
+        goals = {"store/lmdb warm": 1.0, "store/npy-mmap warm": 0.8, "store/npy-mmap cold": 1.0,
+                 "store-h5/h5raw": 1.0}
+        for size, ratios in sorted(r.results["summary"].items()):
+            if not isinstance(ratios, dict):
+                continue
+            for k, v in ratios.items():
+                goal = next((g for p, g in goals.items() if k.startswith(p)), None)
+                add("reader", f"{k} samples/s ({size} rows)", f"{v:.2f}x", f">= {goal}x" if goal else "",
+                    None if goal is None else v >= goal, "stream")
+        for res in r.results["results"]:
+            if res["layout"] == "store" and not res["cold"]:
+                where = "rss_worker_mb" if res["workers"] else "rss_main_mb"
+                add("reader", f"store peak RSS, {'largest worker' if res['workers'] else 'main'} ({res['rows']} rows, "
+                    f"{res['workers']} workers)", f"{res[where]:.0f} MiB", "", None, "stream")
+        remote = r.results.get("remote")
+        if remote:
+            for w in ("0", "2"):
+                x = remote[w]
+                add("reader", f"S3 (moto, loopback) {remote['rows']} rows, {w} workers",
+                    f"{x['samples_per_s']:.0f} samples/s, {x['requests_per_epoch']} requests/epoch", "", None, "stream")
     r = outcomes.get("train_caption")
     if r and r.results:
         x = r.results

@@ -3,7 +3,7 @@
     python bench/scaling.py [--base 128] [--factors 1 4 16] [--workers 0 2] [--batch 32] [--seconds 2]
                             [--block 16] [--json PATH]
 
-Data: the BUTD-style rows of ``bench/stream.py`` (36 regions x 2048 float16 features + boxes, ReLU of
+Data: the BUTD-style rows of ``bench/layouts.py`` (36 regions x 2048 float16 features + boxes, ReLU of
 normal noise, so compression behaves realistically), written as one Zarr store per size with ``--block``
 rows per chunk. The reader is ``stream_loader`` (shuffled blocks, then rows within a window of 4 blocks),
 measured by ``bench/stream.py``'s own ``run_config`` in a **fresh subprocess per configuration**, so each
@@ -35,9 +35,9 @@ HERE = Path(__file__).resolve().parent
 FLAT_TARGET = 1.10  # peak RSS at the largest size / at the smallest
 
 
-def _stream_module():
-    """bench/stream.py as a module (bench/ is a folder of scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location("vlcache_bench_stream", HERE / "stream.py")
+def _layouts_module():
+    """bench/layouts.py as a module (bench/ is a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location("vlcache_bench_layouts", HERE / "layouts.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -69,18 +69,20 @@ def machine() -> dict:
 
 
 def run(args, work: Path) -> dict:
-    stream = _stream_module()
+    layouts = _layouts_module()
     sizes = [args.base * f for f in args.factors]
     t = time.perf_counter()
     stores = {}
     for n in sizes:
         url = work / f"rows{n}.zarr"
-        stream.write_store(str(url), n, seed=0, block=args.block)
+        layouts.write_npy(work / f"rows{n}-npy", n, seed=0)
+        layouts.write_store(str(url), work / f"rows{n}-npy", n, block=args.block)
+        shutil.rmtree(work / f"rows{n}-npy")
         stores[n] = url
     write_s = time.perf_counter() - t
-    rows_mb = stream.R * stream.D * 2 / 2**20
+    rows_mb = layouts.R * layouts.D * 2 / 2**20
     print(f"machine: {json.dumps(machine())}")
-    print(f"data: {stream.R} regions x {stream.D} float16 per row ({rows_mb * 1024:.0f} KiB raw); sizes {sizes} rows "
+    print(f"data: {layouts.R} regions x {layouts.D} float16 per row ({rows_mb * 1024:.0f} KiB raw); sizes {sizes} rows "
           f"({', '.join(f'{du_mb(stores[n]):.0f}' for n in sizes)} MiB on disk); block {args.block} rows, reader "
           f"window 4 blocks; batch {args.batch}; {args.seconds:.1f}s per configuration; written in {write_s:.0f}s")
     idle = measure("idle", "", 0, args.batch, 0)

@@ -1,24 +1,25 @@
-"""Streaming-reader benchmark: region rows from a store vs a BUTD-style .npz directory vs RAM.
+"""Streaming-reader benchmark: the vlcache store against every layout researchers stream features from.
 
-    python bench/stream.py [--images N] [--workers 0 2] [--batch 64] [--backend zarr|hdf5]
+    python bench/stream.py [--images 4096 32768] [--workers 0 2] [--batch 64] [--seconds 4]
+                           [--layouts store store-h5 npz h5raw lmdb lmdb-lz4 tsv npy-mmap ram] [--remote-rows 1024]
 
-Data: N synthetic BUTD-style rows, 36 regions x 2048 features + boxes. Features are ReLU(N(0,1)) (half
-zeros, like pooled post-ReLU CNN features), so compression behaves realistically. The same values are
-written three ways:
+Data: N BUTD-style rows (36 regions x 2048 float16 features + boxes, ``bench/layouts.py``), written once as
+``.npy`` and copied into each layout, so every layout holds the same rows. Per size, layouts are written
+one at a time, measured, and removed (disk and page cache hold one layout at a time).
 
-* store  -- a vlcache store (regions group; float16; the backend's own codecs and checksums), read by
-            ``stream_loader`` (block-shuffled sampler, batch-level dataset, lanes = workers);
-* npz    -- one ``np.savez_compressed`` file per image with ``x`` (float32), ``bbox``, ``num_bbox``,
-            ``image_h``, ``image_w`` as the bottom-up-attention tools write them, read by a standard
-            map-style ``Dataset`` with a shuffled ``RandomSampler`` and the default collate;
-* ram    -- one float16 numpy array loaded whole into memory, read by the same standard ``Dataset``
-            (``ram-gather`` additionally shows a batch-gather reader over that array, an upper bound).
+Each configuration runs in a fresh subprocess: shuffled batches of ``--batch`` through a torch DataLoader
+(the store: ``stream_loader``, block-shuffled, lanes = workers; the others: a per-row Dataset, a shuffled
+``RandomSampler`` and the default collate), samples/s over ``--seconds`` (best of 3 rounds for warm runs,
+the machine may be shared), and its peak RSS (``ru_maxrss`` of the main process; the largest worker's
+RSS, sampled with psutil):
 
-Each configuration runs in a fresh subprocess (best of 3 timed rounds, as the machine may be shared),
-so its peak RSS is its own: ``ru_maxrss`` of the main process, and the largest DataLoader worker's RSS
-sampled with psutil (when installed; forked workers count pages they share with the main process). The
-store is also run at a second size (half the rows; both exceed the reader's block cache) to show its
-memory does not grow with the dataset. Files are freshly written, so every reader hits a warm page cache.
+* warm -- the layout's files are read once just before (page cache warm);
+* cold -- the page cache is dropped (``sync; echo 1 > /proc/sys/vm/drop_caches``, needs root) after the
+  loader is built and before the first batch; one round from the first batch. Where dropping is not
+  permitted the cold column says so and is not measured.
+
+``--remote-rows`` also streams a store of that many rows from S3 (moto on loopback, run as its own
+process): samples/s and HTTP requests per epoch, counted in the server's access log.
 """
 
 from __future__ import annotations
@@ -37,143 +38,68 @@ from pathlib import Path
 
 import numpy as np
 
-R, D = 36, 2048
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from layouts import LAYOUTS, R, D, files_of, row_dataset, write_layout, write_npy, write_store  # noqa: E402
 
-
-# ------------------------------------------------------------------------------------------ data
-def row_block(seed: int, start: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows [start, start+n): features float16 (n,R,D) and boxes float32 (n,R,4), deterministic."""
-    rng = np.random.default_rng([seed, start])
-    feats = np.maximum(rng.standard_normal((n, R, D), dtype=np.float32), 0).astype(np.float16)
-    xy = rng.uniform(0, 400, (n, R, 2)).astype(np.float32)
-    return feats, np.concatenate([xy, xy + rng.uniform(8, 200, (n, R, 2)).astype(np.float32)], axis=2)
-
-
-def write_store(url: str, n: int, seed: int, block: int = 64, hdf5_compression: str = "gzip") -> None:
-    from vlcache.storage.schema import Capacities, Layout
-    from vlcache.storage.writer import StoreWriter
-
-    layout = Layout(num_rows=n, block_size=block, capacities=Capacities(regions=R, region_dim=D),
-                    groups=("images", "captions", "regions"))
-    w = StoreWriter(url, layout, {"classes": [], "dataset": {"name": "bench"}}, overwrite=True,
-                    hdf5_compression=hdf5_compression)
-    for b in w.pending_blocks():
-        rows = layout.block_rows(b)
-        feats, boxes = row_block(seed, rows.start, len(rows))
-        w.write_block(b, {"regions/feats": feats, "regions/boxes": boxes,
-                          "regions/count": np.full(len(rows), R, np.int16),
-                          "images/id": np.array([str(i) for i in rows], dtype=object)})
-    assert w.finalize()
-    w.close()
-
-
-def _write_npz_part(args) -> None:
-    folder, n, seed, part, parts = args
-    for start in range(part * 64, n, parts * 64):
-        feats, boxes = row_block(seed, start, min(64, n - start))
-        for k in range(len(feats)):
-            np.savez_compressed(Path(folder) / f"{start + k:07d}.npz", x=feats[k].astype(np.float32),
-                                bbox=boxes[k], num_bbox=R, image_h=480, image_w=640)
-
-
-def write_npz(folder: Path, n: int, seed: int) -> None:
-    from multiprocessing import Pool
-
-    folder.mkdir(parents=True, exist_ok=True)
-    parts = max(1, os.cpu_count() or 1)
-    with Pool(parts) as pool:
-        pool.map(_write_npz_part, [(str(folder), n, seed, p, parts) for p in range(parts)])
-
-
-def write_ram(path: Path, n: int, seed: int) -> None:
-    feats = np.lib.format.open_memmap(path / "feats.npy", "w+", np.float16, (n, R, D))
-    boxes = np.empty((n, R, 4), np.float32)
-    for start in range(0, n, 64):
-        feats[start:start + 64], boxes[start:start + 64] = row_block(seed, start, min(64, n - start))
-    feats.flush()
-    np.save(path / "boxes.npy", boxes)
-
-
-def du(path: Path) -> int:
-    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+DROP_CACHES = "/proc/sys/vm/drop_caches"
+STORE_FIELDS = ["regions/feats", "regions/boxes", "regions/count"]
 
 
 # ------------------------------------------------------------------------------ one configuration
-def run_config(kind: str, path: str, workers: int, batch: int, seconds: float, rounds: int = 3) -> dict:
-    """Read shuffled batches for ``seconds`` (after one warm-up batch) in ``rounds``; best samples/s, peak RSS."""
+def drop_page_cache() -> bool:
+    try:
+        os.sync()
+        with open(DROP_CACHES, "w") as f:
+            f.write("1\n")
+        return True
+    except OSError:
+        return False
+
+
+def run_config(kind: str, path: str, workers: int, batch: int, seconds: float, cold: bool = False,
+               storage_options: dict | None = None, epochs: int = 0) -> dict:
+    """Read shuffled batches; samples/s and peak RSS. ``epochs``: read exactly that many epochs instead."""
     import torch
-    from torch.utils.data import DataLoader, Dataset, RandomSampler
+    from torch.utils.data import DataLoader, RandomSampler
 
     torch.set_num_threads(1)
     if kind == "idle":
         return {"samples_per_s": 0.0, "rss_main_mb": rss_mb(resource.RUSAGE_SELF), "rss_worker_mb": 0.0}
+    sampler = None
     if kind == "store":
         from vlcache.storage.streaming import stream_loader
 
-        loader, sampler = stream_loader(path, ["regions/feats", "regions/boxes", "regions/count"], batch,
-                                        num_workers=workers, lanes=max(1, workers), seed=0)
+        loader, sampler = stream_loader(path, STORE_FIELDS, batch, num_workers=workers, lanes=max(1, workers),
+                                        seed=0, storage_options=storage_options)
         key = "regions/feats"
-    elif kind in ("npz", "ram"):
-        if kind == "npz":
-            files = sorted(Path(path).glob("*.npz"))
-
-            class Rows(Dataset):
-                def __len__(self):
-                    return len(files)
-
-                def __getitem__(self, i):
-                    z = np.load(files[i], allow_pickle=False)
-                    return {"x": z["x"], "bbox": z["bbox"], "num_bbox": int(z["num_bbox"])}
-        else:
-            feats, boxes = (np.load(Path(path) / "feats.npy", allow_pickle=False),
-                            np.load(Path(path) / "boxes.npy", allow_pickle=False))
-
-            class Rows(Dataset):
-                def __len__(self):
-                    return len(feats)
-
-                def __getitem__(self, i):
-                    return {"x": feats[i], "bbox": boxes[i], "num_bbox": R}
-        ds = Rows()
+    else:
+        ds = row_dataset(kind, path)
         loader = DataLoader(ds, batch_size=batch, sampler=RandomSampler(ds, generator=torch.Generator().manual_seed(0)),
                             num_workers=workers, persistent_workers=workers > 0)
         key = "x"
-    elif kind == "ram-gather":
-        feats, boxes = (np.load(Path(path) / "feats.npy", allow_pickle=False),
-                        np.load(Path(path) / "boxes.npy", allow_pickle=False))
-
-        class Batches(Dataset):
-            def __len__(self):
-                return len(feats)
-
-            def __getitem__(self, idx):
-                idx = np.sort(np.asarray(idx))
-                return {"x": torch.from_numpy(feats[idx]), "bbox": torch.from_numpy(boxes[idx])}
-        from torch.utils.data import BatchSampler
-
-        ds = Batches()
-        loader = DataLoader(ds, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
-                            sampler=BatchSampler(RandomSampler(ds, generator=torch.Generator().manual_seed(0)), batch, False))
-        key = "x"
-    else:
-        raise ValueError(f"unknown configuration {kind!r}")
     watcher = WorkerRSS()
+    epoch = 0
+    if cold and not drop_page_cache():
+        return {"samples_per_s": None, "note": "page cache drop not permitted"}
     it = iter(loader)
-    next(it)  # warm-up: worker start, first open
-    # Best of `rounds` timed rounds: the machine is shared, so the best round is the least disturbed one.
-    rates, n_total, epoch = [], 0, 0
-    for _ in range(rounds):
+    if not cold and not epochs:
+        next(it)  # warm-up: worker start, first open
+    rounds, budget = (1, seconds) if cold else (3, seconds / 3)
+    rates, n_total = [], 0
+    for _ in range(1 if epochs else rounds):
         n, t0 = 0, time.perf_counter()
         while True:  # as many epochs as fit in the round: small datasets are timed too
             for b in it:
                 n += len(b[key])
-                if time.perf_counter() - t0 > seconds / rounds:
+                if not epochs and time.perf_counter() - t0 > budget:
                     break
             else:
                 epoch += 1
-                if kind == "store":
+                if sampler is not None:
                     sampler.set_epoch(epoch)
                 it = iter(loader)
+                if epochs and epoch >= epochs:
+                    break
                 continue
             break
         rates.append(n / (time.perf_counter() - t0))
@@ -223,85 +149,199 @@ class WorkerRSS:
         return self.peak
 
 
-def measure(kind: str, path, workers: int, batch: int, seconds: float) -> dict:
+def measure(kind: str, path, workers: int, batch: int, seconds: float, cold: bool = False,
+            storage_options: dict | None = None, epochs: int = 0) -> dict:
+    """One configuration in a fresh interpreter (this script's child mode); its result dict."""
     cmd = [sys.executable, __file__, "--run", kind, "--path", str(path), "--workers", str(workers),
-           "--batch", str(batch), "--seconds", str(seconds)]
+           "--batch", str(batch), "--seconds", str(seconds), "--epochs", str(epochs)]
+    if cold:
+        cmd.append("--cold")
+    if storage_options:
+        cmd += ["--storage-options", json.dumps(storage_options)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def warm(files: list[Path]) -> None:
+    """Read every file once, so the page cache holds them."""
+    buf = bytearray(16 << 20)
+    for p in files:
+        with open(p, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+
+
+def du(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+# ------------------------------------------------------------------------------------------- remote
+def remote_run(work: Path, rows: int, batch: int, seconds: float) -> dict:
+    """A store streamed from S3 (moto server on loopback, its own process): samples/s, requests per epoch."""
+    import socket
+
+    import s3fs
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = work / "moto.log"
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
+    with open(log, "w") as fh:
+        server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                  stdout=fh, stderr=subprocess.STDOUT, env=env)
+    try:
+        options = {"key": "bench", "secret": "bench", "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"}}
+        for _ in range(100):
+            try:
+                s3fs.S3FileSystem(**options, skip_instance_cache=True).mkdir("bench")
+                break
+            except Exception:  # noqa: BLE001 - server still starting
+                time.sleep(0.2)
+        local = work / "remote-src.zarr"
+        src = work / "remote-npy"
+        write_npy(src, rows, 1)
+        write_store(str(local), src, rows)
+        fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
+        fs.put(str(local), "bench/store.zarr", recursive=True)
+        url = "s3://bench/store.zarr"
+        os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
+
+        def requests() -> int:
+            return sum(1 for line in log.read_text().splitlines() if '"GET ' in line or '"HEAD ' in line)
+
+        out = {}
+        for w in (0, 2):
+            before = requests()
+            r = measure("store", url, w, batch, seconds, storage_options=options, epochs=1)
+            r["requests_per_epoch"] = requests() - before
+            out[w] = r
+        out["rows"], out["chunk_files"] = rows, sum(1 for p in local.rglob("*") if p.is_file() and "/c/" in str(p))
+        shutil.rmtree(local), shutil.rmtree(src)
+        return out
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 # ------------------------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--images", type=int, default=1024, help="rows in the large dataset (the small one has half)")
+    ap.add_argument("--images", type=int, nargs="+", default=[4096, 32768], help="dataset sizes (rows)")
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    ap.add_argument("--cold-workers", type=int, nargs="*", default=[0], help="worker counts measured cold")
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--seconds", type=float, default=3.0, help="measuring time per configuration")
-    ap.add_argument("--backend", choices=["zarr", "hdf5"], default="zarr")
-    ap.add_argument("--hdf5-compression", choices=["gzip", "lzf"], default="gzip")
+    ap.add_argument("--seconds", type=float, default=4.0, help="measuring time per configuration")
+    ap.add_argument("--layouts", nargs="+", default=["store", "store-h5", *LAYOUTS[1:]])
+    ap.add_argument("--remote-rows", type=int, default=1024, help="rows of the S3 store (0: no remote run)")
     ap.add_argument("--dir", type=Path, default=None, help="work folder (default: a temp folder, removed)")
+    ap.add_argument("--json", type=Path, default=None, help="write the results here")
     ap.add_argument("--run", help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
+    ap.add_argument("--cold", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--epochs", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--storage-options", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.run:  # child: one configuration
-        print(json.dumps(run_config(args.run, args.path, args.workers[0], args.batch, args.seconds)))
+        so = json.loads(args.storage_options) if args.storage_options else None
+        print(json.dumps(run_config(args.run, args.path, args.workers[0], args.batch, args.seconds, args.cold, so,
+                                    args.epochs)))
         return 0
+
+    import torch
 
     work = args.dir or Path(tempfile.mkdtemp(prefix="vlcache-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    n_big, n_small, seed = args.images, max(args.batch * 2, args.images // 2), 0
-    ext = ".zarr" if args.backend == "zarr" else ".h5"
+    can_drop = drop_page_cache()
+    info = {"machine": f"{platform.platform()}, {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
+                       f"python {platform.python_version()}, torch {torch.__version__}",
+            "load_average_start": os.getloadavg(), "batch": args.batch, "seconds": args.seconds,
+            "cold": "page cache dropped before each cold run" if can_drop else "page cache drop NOT permitted: no cold runs"}
+    print(f"machine: {info['machine']}; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; {info['cold']}")
+    idle = measure("idle", "", 0, args.batch, 0)
+    print(f"baseline RSS of a process that only imports torch: {idle['rss_main_mb']:.0f} MiB", flush=True)
+    results: list[dict] = []
     try:
-        t = time.perf_counter()
-        store_big, store_small = work / f"big{ext}", work / f"small{ext}"
-        write_store(str(store_big), n_big, seed, hdf5_compression=args.hdf5_compression)
-        write_store(str(store_small), n_small, seed, hdf5_compression=args.hdf5_compression)
-        write_npz(work / "npz", n_big, seed)
-        (work / "ram").mkdir(exist_ok=True)
-        write_ram(work / "ram", n_big, seed)
-        print(f"wrote data in {time.perf_counter() - t:.0f}s under {work}")
-
-        import torch
-
-        print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
-              f"python {platform.python_version()}, torch {torch.__version__}")
-        raw = n_big * R * D * 2
-        print(f"data: {n_big} rows x {R} regions x {D} float16 = {raw / 2**20:.0f} MiB raw; store ({args.backend}{'/' + args.hdf5_compression if args.backend == 'hdf5' else ''}) "
-              f"{du(store_big) / 2**20:.0f} MiB on disk; npz dir {du(work / 'npz') / 2**20:.0f} MiB "
-              f"({n_big} files, float32); in-RAM array {raw / 2**20:.0f} MiB; batch {args.batch}")
-        idle = measure("idle", "", 0, args.batch, 0)
-        print(f"baseline RSS of a process that only imports torch: {idle['rss_main_mb']:.0f} MiB\n")
-
-        rows = []
-        for w in args.workers:
-            for kind, path, n in (("store", store_big, n_big), ("store", store_small, n_small),
-                                  ("npz", work / "npz", n_big), ("ram", work / "ram", n_big),
-                                  ("ram-gather", work / "ram", n_big)):
-                r = measure(kind, path, w, args.batch, args.seconds)
-                r.update(kind=kind, workers=w, rows=n)
-                rows.append(r)
-        hdr = f"{'reader':<11}{'workers':>8}{'rows':>7}{'samples/s':>11}{'peak RSS main':>15}{'peak RSS worker':>17}"
-        print(hdr + "\n" + "-" * len(hdr))
-        for r in rows:
-            worker = f"{r['rss_worker_mb']:>14.0f} MiB" if r["workers"] else f"{'-':>17}"
-            print(f"{r['kind']:<11}{r['workers']:>8}{r['rows']:>7}{r['samples_per_s']:>11.0f}"
-                  f"{r['rss_main_mb']:>12.0f} MiB{worker}")
-        print()
-        get = {(r["kind"], r["workers"], r["rows"]): r for r in rows}
-        for w in args.workers:
-            s, z = get[("store", w, n_big)], get[("npz", w, n_big)]
-            m, g = get[("ram", w, n_big)], get[("ram-gather", w, n_big)]
-            small = get[("store", w, n_small)]
-            print(f"workers={w}: store/npz = {s['samples_per_s'] / z['samples_per_s']:.1f}x (target >= 5), "
-                  f"store/in-RAM = {s['samples_per_s'] / m['samples_per_s']:.2f}x (target >= 0.3), "
-                  f"store/in-RAM gather = {s['samples_per_s'] / g['samples_per_s']:.2f}x; "
-                  f"store peak RSS {small['rss_main_mb']:.0f} -> {s['rss_main_mb']:.0f} MiB (main)"
-                  + (f", {small['rss_worker_mb']:.0f} -> {s['rss_worker_mb']:.0f} MiB (worker)" if w else "")
-                  + f" for {n_small} -> {n_big} rows")
+        for n in args.images:
+            src = work / f"npy-{n}"
+            write_npy(src, n, 0)
+            print(f"\n== {n} rows x {R} regions x {D} float16 = {n * R * D * 2 / 2**20:.0f} MiB of features", flush=True)
+            for layout in args.layouts:
+                kind = "store" if layout.startswith("store") else layout
+                path = {"store": work / f"store-{n}.zarr", "store-h5": work / f"store-{n}.h5"}.get(layout)
+                path = path or (src if kind in ("npy-mmap", "ram") else work / f"{layout}-{n}")
+                t = time.perf_counter()
+                write_layout(kind, path, src, n)
+                size = sum(du(p) for p in files_of(kind, path))
+                written = time.perf_counter() - t
+                for w in args.workers:
+                    for cold in (False, True):
+                        if cold and (w not in args.cold_workers or kind == "ram" or not can_drop):
+                            continue
+                        if not cold:
+                            warm(files_of(kind, path))
+                        r = measure(kind, path, w, args.batch, args.seconds, cold)
+                        r.update(layout=layout, rows=n, workers=w, cold=cold, bytes=size, write_s=written,
+                                 load=os.getloadavg()[0])
+                        results.append(r)
+                        print(f"{layout:<9}{n:>7} rows {w} workers {'cold' if cold else 'warm'}: "
+                              f"{r['samples_per_s'] or 0:>8.0f} samples/s  rounds {r.get('rounds')}  peak RSS main "
+                              f"{r.get('rss_main_mb', 0):.0f} MiB, worker {r.get('rss_worker_mb', 0):.0f} MiB  "
+                              f"[{size / 2**20:.0f} MiB on disk, load {r['load']:.1f}]", flush=True)
+                if kind not in ("npy-mmap", "ram"):
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+            shutil.rmtree(src)
+        remote = remote_run(work, args.remote_rows, args.batch, args.seconds) if args.remote_rows else None
     finally:
         if args.dir is None:
             shutil.rmtree(work, ignore_errors=True)
+    summary = report(results, args, remote)
+    if args.json:
+        args.json.write_text(json.dumps({"info": info, "results": results, "remote": remote, "summary": summary},
+                                        indent=1))
     return 0
+
+
+def report(results: list[dict], args, remote) -> dict:
+    """Print the table (samples/s per layout and condition) and the goal ratios; return the ratios."""
+    get = {(r["layout"], r["rows"], r["workers"], r["cold"]): r["samples_per_s"] for r in results}
+    conds = [(w, False) for w in args.workers] + [(w, True) for w in args.workers if w in args.cold_workers]
+    head = "".join(f"{('cold' if c else 'warm') + f' {w}w':>12}" for w, c in conds)
+    summary = {}
+    for n in args.images:
+        print(f"\nsamples/s, {n} rows, batch {args.batch}\n{'layout':<10}{head}\n" + "-" * (10 + 12 * len(conds)))
+        for layout in args.layouts:
+            print(f"{layout:<10}" + "".join(f"{(get.get((layout, n, w, c)) or float('nan')):>12.0f}" for w, c in conds))
+        ratio = {}
+        for w, c in conds:
+            s = get.get(("store", n, w, c))
+            for other in ("lmdb", "npy-mmap", "h5raw"):
+                o = get.get((other, n, w, c))
+                mine = get.get(("store-h5", n, w, c)) if other == "h5raw" else s
+                if mine and o:
+                    ratio[f"{'store-h5' if other == 'h5raw' else 'store'}/{other} {'cold' if c else 'warm'} {w}w"] = mine / o
+        summary[n] = ratio
+        goals = {"store/lmdb warm": 1.0, "store/npy-mmap warm": 0.8, "store/npy-mmap cold": 1.0,
+                 "store-h5/h5raw warm": 1.0, "store-h5/h5raw cold": 1.0}
+        for k, v in ratio.items():
+            goal = next((g for p, g in goals.items() if k.startswith(p)), None)
+            print(f"  {k:<32} {v:6.2f}x" + (f"  (goal >= {goal}: {'met' if v >= goal else 'NOT met'})" if goal else ""))
+    mem = {(r["rows"], r["workers"]): r for r in results if r["layout"] == "store" and not r["cold"]}
+    if len(args.images) > 1:
+        lo, hi = min(args.images), max(args.images)
+        for w in args.workers:
+            a, b = mem.get((lo, w)), mem.get((hi, w))
+            if a and b:
+                where = "rss_worker_mb" if w else "rss_main_mb"
+                summary[f"rss_growth_{w}w"] = b[where] / a[where]
+                print(f"store peak RSS ({'largest worker' if w else 'main'}, {w} workers): {a[where]:.0f} MiB at {lo} rows, "
+                      f"{b[where]:.0f} MiB at {hi} rows ({b[where] / a[where]:.2f}x)")
+    if remote:
+        for w in (0, 2):
+            r = remote[w]
+            print(f"S3 (moto, loopback), {remote['rows']} rows, {w} workers: {r['samples_per_s']:.0f} samples/s, "
+                  f"{r['requests_per_epoch']} requests per epoch ({remote['chunk_files']} chunk objects)")
+    return summary
 
 
 if __name__ == "__main__":

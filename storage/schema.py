@@ -1,4 +1,4 @@
-"""Schema v1 of a vlcache store: the contract between extraction and training.
+"""Schema v2 of a vlcache store: the contract between extraction and training.
 
 One store = one dataset x one extraction configuration. Every per-image array has the image index on
 axis 0 and is chunked by ``block_size`` rows along it (other axes whole), so a *block* of rows is the
@@ -35,7 +35,10 @@ from typing import Any
 import numpy as np
 
 FORMAT_NAME = "vlcache"
-SCHEMA_VERSION = 1
+# v2 (this version): float16 feature arrays are stored uncompressed (crc32c-checked; v1: Blosc-LZ4 in
+# Zarr, gzip in HDF5), so the streaming reader can map their chunks. The tree is the same, so v1 stores
+# are read as they are; `vlcache store copy v1 v2` rewrites one as v2.
+SCHEMA_VERSION = 2
 SPLITS = ("train", "val", "test")
 STR = "str"  # marker dtype for variable-length UTF-8 strings (zarr: vlen-utf8, HDF5: string_dtype)
 

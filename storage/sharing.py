@@ -161,7 +161,8 @@ def _copy(source: Backend, src: str, dst: str, force: bool, progress: bool, so_d
         if report.blocks_not_in_source or not done_mask(writer.backend).all():
             report.notes.append("the source is not complete: rerun the copy once it is, to finish the destination")
             return report
-        fp = combine(writer.backend.attrs(), {p: array_digest([d[b] for b in sorted(d)]) for p, d in digests.items()})
+        content = {p: array_digest([d[b] for b in sorted(d)]) for p, d in digests.items()}
+        fp = combine(writer.backend.attrs(), content)
         report.complete = writer.finalize({"fingerprint": fp})
         if isinstance(writer.backend, HDF5Backend):  # packed from the verified staging store: check the file
             packed = compute_fingerprint(writer.backend)
@@ -169,8 +170,13 @@ def _copy(source: Backend, src: str, dst: str, force: bool, progress: bool, so_d
                 raise CopyVerifyError(f"{redact_url(dst)}: the packed HDF5 file has fingerprint {packed}, its "
                                       f"verified staging store {fp}; remove it and copy again")
         report.fingerprint = fp
-        if src_fp and src_fp != fp:
-            report.notes.append(f"the source records fingerprint {src_fp} but its content hashes to {fp}: the "
+        src_version, dst_version = source.attr("schema_version"), writer.backend.attr("schema_version")
+        if src_version != dst_version:  # the fingerprint covers the schema version: an upgrade changes it
+            report.notes.append(f"upgraded from schema v{src_version} to v{dst_version}; the copy's fingerprint "
+                                f"{fp} replaces the source's {src_fp}")
+        src_content = combine(source.attrs(), content)  # what the source's own fingerprint should be
+        if src_fp and src_fp != src_content:
+            report.notes.append(f"the source records fingerprint {src_fp} but its content hashes to {src_content}: the "
                                 "source was modified after it was finalized")
     return report
 

@@ -32,6 +32,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, get_worker_info
 
 from .backends import open_backend
+from .chunks import ChunkFiles
 from .errors import StoreError
 from .schema import DONE, STR, split_code
 
@@ -180,7 +181,8 @@ class BlockSampler(Sampler[int]):
 class _BlockReader:
     """Per-process lazy backend plus an LRU of decoded blocks; pickles without handle or cache."""
 
-    def __init__(self, url, fields, storage_options=None, cache_blocks: int = 4, threads: int = 2):
+    def __init__(self, url, fields, storage_options=None, cache_blocks: int = 4, threads: int = 2,
+                 direct: bool = True):
         if not fields:
             raise ValueError("fields must name at least one store array, e.g. ['regions/feats']")
         self.url = os.fspath(url)
@@ -188,6 +190,7 @@ class _BlockReader:
         self.storage_options = storage_options
         self.cache_blocks = max(1, int(cache_blocks))
         self.threads = max(1, int(threads))
+        self.direct = bool(direct)
         backend = open_backend(self.url, "r", storage_options=storage_options)  # validate now, in the parent
         try:
             missing = [f for f in self.fields if not backend.has(f)]
@@ -201,19 +204,26 @@ class _BlockReader:
         self._reset()
 
     def _reset(self):
-        self._backend, self._pid, self._cache, self._pool = None, None, OrderedDict(), None
+        self._backend, self._files, self._pid, self._cache, self._pool = None, None, None, OrderedDict(), None
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state.update(_backend=None, _pid=None, _cache=OrderedDict(), _pool=None)
+        state.update(_backend=None, _files=None, _pid=None, _cache=OrderedDict(), _pool=None)
         return state
 
     def backend(self):
         if self._pid != os.getpid():  # first use in this process (or a forked copy): open our own handle
             self._reset()
             self._backend = open_backend(self.url, "r", storage_options=self.storage_options)
+            if self.direct:  # local Zarr: chunk files read directly (storage/chunks.py)
+                self._files = ChunkFiles.for_backend(self._backend, [*self.fields, DONE])
             self._pid = os.getpid()
         return self._backend
+
+    def _load(self, path: str, b: int) -> np.ndarray:
+        """Block ``b`` of ``path``: from its chunk file when the fast path reads it, else through the backend."""
+        data = self._files.read_block(path, b) if self._files is not None else None
+        return self._backend.read_block(path, b) if data is None else data
 
     def block(self, path: str, b: int) -> np.ndarray:
         return self.blocks(path, [b])[b]
@@ -233,9 +243,9 @@ class _BlockReader:
         if len(missing) > 1 and self.threads > 1 and backend.kind == "zarr":
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="vlcache-read")
-            loaded = list(self._pool.map(lambda b: backend.read_block(path, b), missing))
+            loaded = list(self._pool.map(lambda b: self._load(path, b), missing))
         else:
-            loaded = [backend.read_block(path, b) for b in missing]
+            loaded = [self._load(path, b) for b in missing]
         limit = self.cache_blocks * (len(self.fields) + 1)
         for b, data in zip(missing, loaded):
             data.flags.writeable = False  # handed out as views: a caller's write must not poison the cache
@@ -297,13 +307,14 @@ class StoreDataset(Dataset):
     ``rows`` restricts the dataset to those rows (default: every good row of ``split``); ``len`` is
     their number and :meth:`sampler` builds the matching :class:`BlockSampler`. ``cache_blocks``: decoded
     blocks kept per array (match the sampler's ``window_blocks``); ``read_threads``: threads decoding a
-    batch's missing blocks at once (Zarr). Returned arrays are read-only views into the cached block;
+    batch's missing blocks at once (Zarr); ``direct``: read a local Zarr store's chunk files directly
+    (:mod:`.chunks`; False reads every block through Zarr, same values). Returned arrays are read-only views into the cached block;
     :func:`collate` stacks them.
     """
 
     def __init__(self, url, fields: list[str], *, rows=None, split: str | None = None, cache_blocks: int = 4,
-                 read_threads: int = 2, storage_options: dict | None = None):
-        self.reader = _BlockReader(url, fields, storage_options, cache_blocks, read_threads)
+                 read_threads: int = 2, storage_options: dict | None = None, direct: bool = True):
+        self.reader = _BlockReader(url, fields, storage_options, cache_blocks, read_threads, direct)
         if rows is None:
             backend = open_backend(os.fspath(url), "r", storage_options=storage_options)
             try:
@@ -378,7 +389,7 @@ def collate(items: list[dict]) -> dict:
 def stream_loader(url, fields: list[str], batch_size: int, *, split: str | None = None, rows=None,
                   shuffle: bool = True, seed: int = 0, window_blocks: int = 4, rank: int = 0, world_size: int = 1,
                   drop_last: bool = False, num_workers: int = 0, lanes: int = 2, read_threads: int = 2,
-                  storage_options: dict | None = None, **loader_kw) -> tuple[DataLoader, BlockSampler]:
+                  storage_options: dict | None = None, direct: bool = True, **loader_kw) -> tuple[DataLoader, BlockSampler]:
     """The fast path: a DataLoader of batches ``{field: tensor (B, ...) | object array, "row": tensor}``
     over :class:`StoreBatchDataset`, and its :class:`BlockSampler`.
 
@@ -389,7 +400,7 @@ def stream_loader(url, fields: list[str], batch_size: int, *, split: str | None 
     # A worker sees ceil(lanes / workers) lanes' windows at a time (all of them without workers): cache them.
     per_reader = -(-lanes // num_workers) if num_workers else lanes
     ds = StoreBatchDataset(url, fields, rows=rows, split=split, cache_blocks=window_blocks * per_reader,
-                           read_threads=read_threads, storage_options=storage_options)
+                           read_threads=read_threads, storage_options=storage_options, direct=direct)
     sampler = ds.sampler(shuffle=shuffle, seed=seed, window_blocks=window_blocks, rank=rank,
                          world_size=world_size, drop_last=drop_last, lanes=lanes, batch_size=batch_size)
     loader = DataLoader(ds, batch_size=None, sampler=BatchSampler(sampler, batch_size, drop_last),

@@ -13,7 +13,7 @@ import os
 import warnings
 
 import zarr
-from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, VLenUTF8Codec, ZstdCodec
+from zarr.codecs import BytesCodec, Crc32cCodec, VLenUTF8Codec, ZstdCodec
 
 from .base import (
     CREATING,
@@ -170,15 +170,15 @@ class ZarrBackend(Backend):
 
 
 def create_zarr_array(group, spec: ArraySpec, layout: Layout) -> None:
-    # Feature arrays (float16, the bulk of a store) use byte-shuffled LZ4 in Blosc: ~8x faster to decode
-    # than zstd on region features for ~25% more bytes, which is what streaming training needs; the rest
-    # (masks, strings, boxes) compresses better with zstd. Every chunk ends with a crc32c checksum.
-    packer = (BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", typesize=2) if spec.dtype == "float16"
-              else ZstdCodec(level=3))
+    # Schema v2: float16 feature arrays (the bulk of a store) are stored raw, then crc32c: LZ4 saved ~2%
+    # on them (post-ReLU features have little byte-level redundancy) and its decoding was the reader's
+    # bottleneck; raw chunks are memory-mapped by the streaming fast path (storage/chunks.py). The rest
+    # (masks, strings, boxes) compresses well with zstd. Every chunk ends with a crc32c checksum.
+    compressors = [Crc32cCodec()] if spec.dtype == "float16" else [ZstdCodec(level=3), Crc32cCodec()]
     kw = dict(
         shape=(layout.num_rows, *spec.row_shape),
         chunks=(layout.block_size, *(max(1, d) for d in spec.row_shape)),
-        compressors=[packer, Crc32cCodec()],
+        compressors=compressors,
     )
     if spec.dtype == STR:
         group.create_array(spec.path, dtype=str, serializer=VLenUTF8Codec(), fill_value="", **kw)

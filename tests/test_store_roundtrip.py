@@ -194,7 +194,7 @@ def test_zarr_metadata_is_consolidated(tmp_path):
     assert {s.path for s in LAYOUT.specs()} <= set(consolidated)
     assert root["attributes"]["complete"] is True and root["attributes"]["statistics"]["rows"] == 23
     codecs = [c["name"] for c in consolidated["regions/feats"]["codecs"]]
-    assert codecs == ["bytes", "blosc", "crc32c"]  # float16 features: shuffled LZ4 (fast decode)
+    assert codecs == ["bytes", "crc32c"]  # schema v2: float16 features raw (memory-mapped when streamed)
     assert [c["name"] for c in consolidated["instances/masks"]["codecs"]] == ["bytes", "zstd", "crc32c"]
     assert [c["name"] for c in consolidated["captions/text"]["codecs"]] == ["vlen-utf8", "zstd", "crc32c"]
     assert consolidated["regions/feats"]["chunk_grid"]["configuration"]["chunk_shape"] == [4, 5, 8]
@@ -209,7 +209,8 @@ def test_hdf5_file_layout(tmp_path, compression):
     assert not (tmp_path / "f.h5.partial.zarr").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["f.h5"]
     with h5py.File(url) as f:
         ds = f["regions/feats"]
-        assert ds.chunks == (4, 5, 8) and ds.fletcher32 and ds.compression == compression
+        assert ds.chunks == (4, 5, 8) and ds.fletcher32 and ds.compression is None  # v2: float16 raw
+        assert f["instances/masks"].fletcher32 and f["instances/masks"].compression == compression
         assert f["captions/text"].fletcher32 and h5py.check_string_dtype(f["captions/text"].dtype).encoding == "utf-8"
         assert json.loads(f.attrs["vlcache_attrs"])["complete"] is True
     ww.assert_same(ww.read_all(str(url)), ww.expected_arrays(LAYOUT), where=compression)

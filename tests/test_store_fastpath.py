@@ -1,0 +1,121 @@
+"""The streaming fast path (storage/chunks.py): same batches as Zarr, damage still caught, v1 stores read and
+upgraded by `store copy`.
+
+``tests/fixtures/v1_tiny.zarr`` is a real schema-v1 store (Blosc-LZ4 float16 features) written by the v1
+code (commit 3c2523b) with ``make_tiny_store(n=10, block_size=4)``.
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vlcache.storage.errors import CorruptChunkError
+from vlcache.storage.sharing import copy_store, diff_stores
+from vlcache.storage.streaming import StoreBatchDataset, stream_loader
+
+FIELDS = ["regions/feats", "regions/boxes", "regions/count", "grid/feats", "instances/masks", "captions/tokens"]
+V1 = Path(__file__).parent / "fixtures" / "v1_tiny.zarr"
+
+
+def batches(url, direct, workers=0, epoch=1):
+    loader, sampler = stream_loader(url, FIELDS, 3, seed=5, window_blocks=2, num_workers=workers, direct=direct)
+    sampler.set_epoch(epoch)
+    return [{k: (v.clone() if isinstance(v, torch.Tensor) else v.copy()) for k, v in b.items()} for b in loader]
+
+
+def assert_same(a, b):
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert (torch.equal(x[k], y[k]) if isinstance(x[k], torch.Tensor) else np.array_equal(x[k], y[k])), k
+
+
+def codecs(url, path):
+    return [c["name"] for c in json.loads((Path(url) / path / "zarr.json").read_text())["codecs"]]
+
+
+def test_fast_path_batches_equal_zarr_path(tiny_store_factory):
+    ts = tiny_store_factory("fast.zarr", n=20, block_size=8)
+    assert codecs(ts.url, "regions/feats") == ["bytes", "crc32c"]  # v2: memory-mapped
+    ds = StoreBatchDataset(ts.url, FIELDS)
+    ds[[0]]
+    plans = ds.reader._files.plans  # the fast path is really taken, mapped and decompressed
+    assert plans["regions/feats"].decompressor is None and plans["regions/boxes"].decompressor is not None
+    assert "captions/tokens" not in plans  # strings go through Zarr
+    fast = batches(ts.url, direct=True)
+    assert_same(fast, batches(ts.url, direct=False))
+    assert_same(fast, batches(ts.url, direct=True, workers=2))
+    for b in fast:
+        rows = b["row"].numpy()
+        for f in FIELDS:
+            got = b[f].numpy() if isinstance(b[f], torch.Tensor) else b[f]
+            np.testing.assert_array_equal(got, ts.truth[f][rows])
+
+
+def flip(file: Path, offset: int = 7) -> None:
+    data = bytearray(file.read_bytes())
+    data[offset] ^= 0x10
+    file.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("array, chunk", [("regions/feats", "c/1/0/0"), ("regions/boxes", "c/1/0/0")])
+def test_flipped_byte_is_caught_on_fast_path(tiny_store_factory, array, chunk):
+    ts = tiny_store_factory("flip.zarr", n=20, block_size=8)
+    flip(Path(ts.url) / array / chunk)
+    ds = StoreBatchDataset(ts.url, [array])
+    np.testing.assert_array_equal(ds[[0, 1]][array].numpy(), ts.truth[array][[0, 1]])  # block 0 is fine
+    with pytest.raises(CorruptChunkError, match=rf"'{array}' chunk \(1, 0, 0\) failed its checksum \(crc32c\)"):
+        ds[[9]]
+    loader, _ = stream_loader(ts.url, [array], 4, num_workers=2)
+    # torch re-raises a worker's exception as RuntimeError when its type takes more than a message
+    with pytest.raises((CorruptChunkError, RuntimeError), match=rf"CorruptChunkError: .*'{array}' chunk \(1, 0, 0\)"):
+        list(loader)
+
+
+def test_checked_once_per_file_version(tiny_store_factory):
+    """A verified chunk is not re-checked while the file is unchanged; a replaced file is checked again."""
+    ts = tiny_store_factory("once.zarr", n=20, block_size=8)
+    chunk = Path(ts.url) / "regions/feats/c/0/0/0"
+    reader = StoreBatchDataset(ts.url, ["regions/feats"], cache_blocks=1).reader
+    reader.block("regions/feats", 0)
+    bad = chunk.with_name("bad")
+    shutil.copyfile(chunk, bad)
+    flip(bad)
+    os.replace(bad, chunk)  # a new file (new inode): must be checked again, even in this process
+    reader._cache.clear()
+    with pytest.raises(CorruptChunkError, match=r"chunk \(0, 0, 0\) failed its checksum"):
+        reader.block("regions/feats", 0)
+    truncated = Path(ts.url) / "regions/feats/c/1/0/0"
+    truncated.write_bytes(truncated.read_bytes()[:-10])
+    with pytest.raises(CorruptChunkError, match=r"chunk \(1, 0, 0\) has \d+ bytes, expected"):
+        reader.block("regions/feats", 1)
+
+
+def test_v1_store_is_read_and_upgraded_by_copy(tmp_path):
+    v1 = tmp_path / "v1.zarr"
+    shutil.copytree(V1, v1)
+    assert json.loads((v1 / "zarr.json").read_text())["attributes"]["schema_version"] == 1
+    assert codecs(v1, "regions/feats") == ["bytes", "blosc", "crc32c"]
+    fast = batches(str(v1), direct=True)
+    assert_same(fast, batches(str(v1), direct=False))
+    ds = StoreBatchDataset(str(v1), FIELDS)
+    ds[[0]]
+    assert ds.reader._files.plans["regions/feats"].decompressor is not None  # Blosc decoded on the fast path
+
+    v2 = tmp_path / "v2.zarr"
+    report = copy_store(str(v1), str(v2), progress=False)
+    assert report.complete and any("upgraded from schema v1 to v2" in n for n in report.notes), report.notes
+    assert not any("modified" in n for n in report.notes), report.notes
+    attrs = json.loads((v2 / "zarr.json").read_text())["attributes"]
+    assert attrs["schema_version"] == 2 and attrs["copied_from"]["fingerprint"] == "26aabf0534415806"
+    assert codecs(v2, "regions/feats") == ["bytes", "crc32c"]
+    assert_same(fast, batches(str(v2), direct=True))
+    d = diff_stores(str(v1), str(v2), progress=False)  # same values; only the schema version differs
+    assert not any(d.arrays.values()) and d.rows_same and not d.missing and not d.config
+    assert len(d.schema) == 1 and "schema_version" in d.schema[0], d.schema
