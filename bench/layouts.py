@@ -56,10 +56,15 @@ def write_npy(folder: Path, n: int, seed: int) -> None:
     feats.flush(), boxes.flush()
 
 
+def load_npy(folder: Path, mmap_mode: str | None = "r") -> tuple[np.ndarray, np.ndarray]:
+    """``feats.npy`` and ``boxes.npy`` of ``folder`` (memory-mapped by default)."""
+    return tuple(np.load(Path(folder) / f"{name}.npy", mmap_mode=mmap_mode, allow_pickle=False)
+                 for name in ("feats", "boxes"))
+
+
 def source_blocks(src: Path, block: int = 256):
     """(start, feats, boxes) blocks read back from the ``.npy`` source."""
-    feats = np.load(src / "feats.npy", mmap_mode="r")
-    boxes = np.load(src / "boxes.npy", mmap_mode="r")
+    feats, boxes = load_npy(src)
     for start in range(0, len(feats), block):
         yield start, np.asarray(feats[start:start + block]), np.asarray(boxes[start:start + block])
 
@@ -72,7 +77,7 @@ def write_store(url: str, src: Path, n: int, block: int = 64) -> None:
     layout = Layout(num_rows=n, block_size=block, capacities=Capacities(regions=R, region_dim=D),
                     groups=("images", "captions", "regions"))
     w = StoreWriter(url, layout, {"classes": [], "dataset": {"name": "bench"}}, overwrite=True)
-    feats, boxes = np.load(src / "feats.npy", mmap_mode="r"), np.load(src / "boxes.npy", mmap_mode="r")
+    feats, boxes = load_npy(src)
     for b in w.pending_blocks():
         rows = layout.block_rows(b)
         w.write_block(b, {"regions/feats": np.asarray(feats[rows.start:rows.stop]),
@@ -85,7 +90,7 @@ def write_store(url: str, src: Path, n: int, block: int = 64) -> None:
 
 def _write_npz_part(args) -> None:
     folder, src, part, parts = args
-    feats, boxes = np.load(Path(src) / "feats.npy", mmap_mode="r"), np.load(Path(src) / "boxes.npy", mmap_mode="r")
+    feats, boxes = load_npy(src)
     for i in range(part, len(feats), parts):
         np.savez_compressed(Path(folder) / f"{i:07d}.npz", x=np.asarray(feats[i], np.float32), bbox=boxes[i],
                             num_bbox=R, image_h=480, image_w=640)
@@ -166,11 +171,10 @@ def row_dataset(kind: str, path: str):
                 self.n = len(self.files)
             elif kind in ("npy-mmap", "ram"):
                 mode = "r" if kind == "npy-mmap" else None
-                self.feats = np.load(Path(path) / "feats.npy", mmap_mode=mode)
-                self.boxes = np.load(Path(path) / "boxes.npy", mmap_mode=mode)
+                self.feats, self.boxes = load_npy(path, mode)
                 self.n = len(self.feats)
             elif kind == "tsv":
-                self.offsets = np.load(Path(path) / "feats.lineidx.npy")
+                self.offsets = np.load(Path(path) / "feats.lineidx.npy", allow_pickle=False)
                 self.n = len(self.offsets)
             elif kind == "h5raw":
                 import h5py
