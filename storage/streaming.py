@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, get_worker_info
 
-from .backends import open_backend
-from .chunks import ChunkFiles
+from .backends import HDF5_SUFFIXES, is_local, local_path, open_backend
+from .chunks import ChunkFiles, readahead
 from .errors import StoreError
 from .schema import DONE, STR, split_code
 
@@ -102,6 +102,7 @@ class BlockSampler(Sampler[int]):
         total = idx.size
         self.num_samples = total // world_size if drop_last else -(-total // world_size)
         self.epoch, self.position, self._start = 0, 0, 0
+        self.readahead, self.readahead_rows = None, 0  # see stream_loader
 
     @classmethod
     def from_store(cls, url, *, split: str | None = None, storage_options: dict | None = None, **kw):
@@ -154,7 +155,20 @@ class BlockSampler(Sampler[int]):
         order = self.rank_order(self.epoch)
         start, self._start = self._start, 0
         self.position = start
-        for r in order[start:].tolist():
+        if self.readahead is None or not self.readahead_rows:
+            for r in order[start:].tolist():
+                self.position += 1
+                yield r
+            return
+        # Announce the blocks of the next `readahead_rows` rows before yielding them (each block once).
+        blocks, announced, horizon = order // self.block_size, set(), start
+        for i, r in enumerate(order[start:].tolist(), start):
+            if i >= horizon:
+                ahead = set(np.unique(blocks[i:i + self.readahead_rows]).tolist()) - announced
+                if ahead:
+                    self.readahead(sorted(ahead))
+                    announced |= ahead
+                horizon = i + self.readahead_rows // 2
             self.position += 1
             yield r
 
@@ -220,6 +234,15 @@ class _BlockReader:
             self._pid = os.getpid()
         return self._backend
 
+    def readahead(self, blocks) -> None:
+        """Start reading ``blocks`` of every field into the page cache (local Zarr stores; any process: the
+        sampler calls it from the main process for the blocks DataLoader workers will read next)."""
+        if not self.direct or not is_local(self.url) or self.url.rstrip("/").lower().endswith(HDF5_SUFFIXES):
+            return
+        root = local_path(self.url)
+        readahead(os.path.join(root, f"{f}/c/{b}" + "/0" * len(spec.row_shape))
+                  for b in blocks for f, spec in self.specs.items() if spec.dtype != STR)
+
     def _load(self, path: str, b: int) -> np.ndarray:
         """Block ``b`` of ``path``: from its chunk file when the fast path reads it, else through the backend."""
         data = self._files.read_block(path, b) if self._files is not None else None
@@ -240,6 +263,8 @@ class _BlockReader:
                 self._cache.move_to_end((path, b))
                 out[b] = hit
         backend = self.backend()
+        if self._files is not None and len(missing) > 1:
+            self._files.prefetch(path, missing)
         if len(missing) > 1 and self.threads > 1 and backend.kind == "zarr":
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="vlcache-read")
@@ -403,6 +428,9 @@ def stream_loader(url, fields: list[str], batch_size: int, *, split: str | None 
                            read_threads=read_threads, storage_options=storage_options, direct=direct)
     sampler = ds.sampler(shuffle=shuffle, seed=seed, window_blocks=window_blocks, rank=rank,
                          world_size=world_size, drop_last=drop_last, lanes=lanes, batch_size=batch_size)
+    # The sampler runs ahead of the readers (DataLoader prefetching): it starts the page-cache reads of the
+    # next windows' chunks, so on a cold cache disk reads overlap with batch building.
+    sampler.readahead, sampler.readahead_rows = ds.reader.readahead, 2 * window_blocks * ds.block_size * lanes
     loader = DataLoader(ds, batch_size=None, sampler=BatchSampler(sampler, batch_size, drop_last),
                         num_workers=num_workers, collate_fn=identity_collate,
                         persistent_workers=num_workers > 0, **loader_kw)

@@ -119,3 +119,25 @@ def test_v1_store_is_read_and_upgraded_by_copy(tmp_path):
     d = diff_stores(str(v1), str(v2), progress=False)  # same values; only the schema version differs
     assert not any(d.arrays.values()) and d.rows_same and not d.missing and not d.config
     assert len(d.schema) == 1 and "schema_version" in d.schema[0], d.schema
+
+
+def test_sampler_reads_ahead_before_rows_are_yielded(tiny_store_factory, monkeypatch):
+    """stream_loader's sampler announces each block (once) before yielding its first row; order unchanged."""
+    ts = tiny_store_factory("ahead.zarr", n=40, block_size=4)
+    loader, sampler = stream_loader(ts.url, ["regions/feats"], 3, seed=1, window_blocks=2, lanes=2)
+    assert sampler.readahead_rows == 2 * 2 * 4 * 2
+    plain = list(sampler)
+    calls = []
+    sampler.readahead = calls.append
+    announced = []
+    for r in sampler:
+        announced += [b for c in calls for b in c]
+        calls.clear()
+        assert r // 4 in announced
+    assert len(announced) == len(set(announced)) == len({r // 4 for r in plain})
+    assert list(sampler) != [] and [r for r in sampler] == plain
+    files = []
+    monkeypatch.setattr("vlcache.storage.streaming.readahead", lambda paths: files.extend(paths))
+    loader.dataset.reader.readahead([3])
+    assert sorted(Path(f).relative_to(ts.url).as_posix() for f in files) == ["regions/feats/c/3/0/0"]
+    assert all(Path(f).is_file() for f in files)
