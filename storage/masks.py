@@ -3,11 +3,17 @@
 The store keeps Mask R-CNN's mask head output as it is (``instances/masks``: ``M x M`` probabilities
 x 255 in box coordinates, DESIGN.md principle 4). Everything else is pasted on read, here.
 
-Pasting follows torchvision exactly (``roi_heads.paste_masks_in_image``): the mask is zero-padded by one
-cell, the box is expanded by ``(M + 2) / M`` about its centre and truncated to integer pixels, the padded
-mask is resized bilinearly (``align_corners=False``) onto that box's pixels, and pixels outside the box are
-zero. We write that mapping as one separable bilinear operator per axis, ``Wy @ mask @ Wx^T``, evaluated
-at arbitrary sample positions. At the image's own pixel centres it reproduces torchvision (to float
+Two pasting conventions (METHODS.md section 12), chosen by ``convention`` and recorded in a store by the
+backend that produced its masks (:func:`paste_convention`):
+
+- ``"torchvision"`` (``roi_heads.paste_masks_in_image``): the mask is zero-padded by one cell, the box is
+  expanded by ``(M + 2) / M`` about its centre and truncated to integer pixels, the padded mask is resized
+  bilinearly (``align_corners=False``) onto that box's pixels, and pixels outside the box are zero.
+- ``"detectron2"`` (``layers.mask_ops._do_paste_mask``): ``grid_sample(align_corners=False)`` of the mask
+  over the float box, zeros outside it: source cell ``u = (x - x0) / (x1 - x0) * M - 0.5``.
+
+We write either mapping as one separable bilinear operator per axis, ``Wy @ mask @ Wx^T``, evaluated at
+arbitrary sample positions. At the image's own pixel centres it reproduces the backend's paste (to float
 rounding), vectorised over instances; at other sizes it samples the *same* continuous mask, with no
 rounding of boxes to the coarser grid.
 
@@ -21,6 +27,8 @@ import numpy as np
 import torch
 
 __all__ = [
+    "CONVENTIONS",
+    "paste_convention",
     "paste_masks",
     "resize_masks",
     "grid_coverage",
@@ -68,17 +76,24 @@ def _expanded_int_boxes(boxes: torch.Tensor, mask_size: int) -> torch.Tensor:
     return out.to(torch.int64)
 
 
-def _axis_weights(lo: torch.Tensor, hi: torch.Tensor, pos: torch.Tensor, P: int) -> torch.Tensor:
-    """Bilinear weights (n, len(pos), P) mapping a padded P-cell mask onto sample positions.
+CONVENTIONS = ("torchvision", "detectron2")
 
-    ``lo``/``hi`` are the expanded integer box's first/last pixel (inclusive, torchvision's convention);
-    ``pos`` are continuous image coordinates of the samples (pixel centres are ``k + 0.5``). Matches
-    ``F.interpolate(bilinear, align_corners=False)``: source ``u = (x - lo) * P / w - 0.5``, clamped at 0.
-    """
-    w = (hi - lo + 1).clamp(min=1).to(torch.float32)[:, None]
-    rel = pos[None, :] - lo.to(torch.float32)[:, None]
-    inside = (rel >= 0) & (rel < w)
-    u = (rel * (P / w) - 0.5).clamp(min=0.0)
+
+def paste_convention(attrs: dict) -> str:
+    """The pasting convention a store's masks were produced for, from its attributes: the detector
+    config's ``mask_paste`` (METHODS.md section 12). Stores that do not record it read as "torchvision"
+    (what every backend but detectron2 produces, and what all stores were pasted with before)."""
+    detector = ((attrs or {}).get("models") or {}).get("detector") or {}
+    convention = detector.get("mask_paste", "torchvision")
+    if convention not in CONVENTIONS:
+        raise ValueError(f"unknown mask_paste {convention!r} in the store's detector config; "
+                         f"expected one of {list(CONVENTIONS)}")
+    return convention
+
+
+def _bilinear_weights(u: torch.Tensor, inside: torch.Tensor, P: int) -> torch.Tensor:
+    """Weights (n, S, P) of samples at source positions ``u`` (n, S) (>= 0, cells of a zero-padded P-cell
+    mask) interpolated bilinearly; samples where ``inside`` is False get no weight (read zero)."""
     i0 = u.floor().clamp(max=P - 1)
     lam = u - i0
     i0 = i0.to(torch.int64)
@@ -89,31 +104,61 @@ def _axis_weights(lo: torch.Tensor, hi: torch.Tensor, pos: torch.Tensor, P: int)
     return wt
 
 
-def _sample(b: torch.Tensor, m: torch.Tensor, H: int, W: int, out_h: int, out_w: int) -> torch.Tensor:
+def _axis_weights(lo: torch.Tensor, hi: torch.Tensor, pos: torch.Tensor, P: int) -> torch.Tensor:
+    """torchvision: bilinear weights (n, len(pos), P) mapping a padded P-cell mask onto sample positions.
+
+    ``lo``/``hi`` are the expanded integer box's first/last pixel (inclusive, torchvision's convention);
+    ``pos`` are continuous image coordinates of the samples (pixel centres are ``k + 0.5``). Matches
+    ``F.interpolate(bilinear, align_corners=False)``: source ``u = (x - lo) * P / w - 0.5``, clamped at 0.
+    """
+    w = (hi - lo + 1).clamp(min=1).to(torch.float32)[:, None]
+    rel = pos[None, :] - lo.to(torch.float32)[:, None]
+    inside = (rel >= 0) & (rel < w)
+    return _bilinear_weights((rel * (P / w) - 0.5).clamp(min=0.0), inside, P)
+
+
+def _grid_sample_weights(lo: torch.Tensor, hi: torch.Tensor, pos: torch.Tensor, M: int) -> torch.Tensor:
+    """detectron2: weights (n, len(pos), M + 2) onto the zero-padded mask, as ``grid_sample`` reads the
+    M-cell mask over the float box [lo, hi] (``align_corners=False``, zeros outside), in its arithmetic:
+    ``g = (x - lo) / (hi - lo) * 2 - 1``, ``u = ((g + 1) * M - 1) / 2``, plus one for the padding cell."""
+    g = (pos[None, :] - lo[:, None]) / (hi - lo)[:, None] * 2 - 1
+    u = ((g + 1) * M - 1) / 2 + 1
+    inside = torch.isfinite(u) & (u >= 0) & (u <= M + 1)  # zero-width boxes read zero everywhere
+    return _bilinear_weights(torch.where(inside, u, torch.zeros_like(u)), inside, M + 2)
+
+
+def _sample(b: torch.Tensor, m: torch.Tensor, H: int, W: int, out_h: int, out_w: int,
+            convention: str = "torchvision") -> torch.Tensor:
     """Mask probabilities (n, out_h, out_w) sampled at the centres of an out_h x out_w tiling of the image."""
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {list(CONVENTIONS)}, got {convention!r}")
     n, M = m.shape[0], m.shape[-1]
     if n == 0:
         return torch.zeros((0, out_h, out_w), dtype=torch.float32)
-    P = M + 2
     padded = torch.nn.functional.pad(m, (1, 1, 1, 1))
-    eb = _expanded_int_boxes(b, M)
     ys = (torch.arange(out_h, dtype=torch.float32) + 0.5) * (H / out_h)
     xs = (torch.arange(out_w, dtype=torch.float32) + 0.5) * (W / out_w)
-    wy = _axis_weights(eb[:, 1], eb[:, 3], ys, P)  # (n, out_h, P)
-    wx = _axis_weights(eb[:, 0], eb[:, 2], xs, P)  # (n, out_w, P)
+    if convention == "detectron2":
+        wy = _grid_sample_weights(b[:, 1], b[:, 3], ys, M)
+        wx = _grid_sample_weights(b[:, 0], b[:, 2], xs, M)
+    else:
+        eb = _expanded_int_boxes(b, M)
+        wy = _axis_weights(eb[:, 1], eb[:, 3], ys, M + 2)  # (n, out_h, P)
+        wx = _axis_weights(eb[:, 0], eb[:, 2], xs, M + 2)  # (n, out_w, P)
     return torch.bmm(torch.bmm(wy, padded), wx.transpose(1, 2))
 
 
-def paste_masks(boxes, masks, image_hw) -> np.ndarray | torch.Tensor:
-    """Full-resolution mask probabilities (n, H, W) float32, identical to torchvision's pasting.
+def paste_masks(boxes, masks, image_hw, convention: str = "torchvision") -> np.ndarray | torch.Tensor:
+    """Full-resolution mask probabilities (n, H, W) float32, identical to the pasting of ``convention``
+    (torchvision's or detectron2's, see the module docstring).
 
     ``boxes`` (n, 4) x1,y1,x2,y2 in image pixels; ``masks`` (n, M, M) uint8 (probability x 255) or float.
     """
     b, m, H, W = _check(boxes, masks, image_hw)
-    return _like(_sample(b, m, H, W, H, W), masks)
+    return _like(_sample(b, m, H, W, H, W, convention), masks)
 
 
-def resize_masks(boxes, masks, image_hw, out_hw) -> np.ndarray | torch.Tensor:
+def resize_masks(boxes, masks, image_hw, out_hw, convention: str = "torchvision") -> np.ndarray | torch.Tensor:
     """Mask probabilities (n, h, w) pasted directly at ``out_hw`` (the image stretched to that size).
 
     Samples the same continuous mask as :func:`paste_masks` at the centres of an h x w tiling of the
@@ -123,7 +168,7 @@ def resize_masks(boxes, masks, image_hw, out_hw) -> np.ndarray | torch.Tensor:
     h, w = (int(v) for v in out_hw)
     if h < 1 or w < 1:
         raise ValueError(f"out_hw must be positive, got {tuple(out_hw)}")
-    return _like(_sample(b, m, H, W, h, w), masks)
+    return _like(_sample(b, m, H, W, h, w, convention), masks)
 
 
 def _cell_overlap(size: int, grid: int) -> torch.Tensor:
@@ -135,23 +180,24 @@ def _cell_overlap(size: int, grid: int) -> torch.Tensor:
     return ((hi - lo).clamp(min=0) / (size / grid)).to(torch.float32)
 
 
-def _binary_coverage(b, m, H, W, grid: int, threshold: float, samples_per_cell: int | None) -> torch.Tensor:
+def _binary_coverage(b, m, H, W, grid: int, threshold: float, samples_per_cell: int | None,
+                     convention: str) -> torch.Tensor:
     if grid < 1:
         raise ValueError(f"grid must be >= 1, got {grid}")
     if samples_per_cell is None:
         # Exact on the pixel grid: full-resolution paste, then each pixel weighted by its overlap with a cell.
-        binary = (_sample(b, m, H, W, H, W) >= threshold).to(torch.float32)
+        binary = (_sample(b, m, H, W, H, W, convention) >= threshold).to(torch.float32)
         ay, ax = _cell_overlap(H, grid), _cell_overlap(W, grid)
         return torch.matmul(torch.matmul(ay, binary), ax.T)
     if samples_per_cell < 1:
         raise ValueError(f"samples_per_cell must be >= 1 or None, got {samples_per_cell}")
     s = int(samples_per_cell)
-    binary = (_sample(b, m, H, W, grid * s, grid * s) >= threshold).to(torch.float32)
+    binary = (_sample(b, m, H, W, grid * s, grid * s, convention) >= threshold).to(torch.float32)
     return binary.reshape(-1, grid, s, grid, s).mean(dim=(2, 4))
 
 
 def grid_coverage(boxes, masks, image_hw, grid: int, threshold: float = 0.5,
-                  samples_per_cell: int | None = 8) -> np.ndarray | torch.Tensor:
+                  samples_per_cell: int | None = 8, convention: str = "torchvision") -> np.ndarray | torch.Tensor:
     """Fraction (n, G, G) of each cell of a G x G tiling of the image covered by each binarised mask.
 
     A mask pixel counts as covered when its probability is >= ``threshold``. With ``samples_per_cell=s``
@@ -162,11 +208,11 @@ def grid_coverage(boxes, masks, image_hw, grid: int, threshold: float = 0.5,
     (cost O(n H W)).
     """
     b, m, H, W = _check(boxes, masks, image_hw)
-    return _like(_binary_coverage(b, m, H, W, grid, threshold, samples_per_cell), masks)
+    return _like(_binary_coverage(b, m, H, W, grid, threshold, samples_per_cell, convention), masks)
 
 
-def merged_grid_coverage(boxes, masks, image_hw, grid: int, threshold: float = 0.5,
-                         samples_per_cell: int | None = 8) -> np.ndarray | torch.Tensor:
+def merged_grid_coverage(boxes, masks, image_hw, grid: int, threshold: float = 0.5, samples_per_cell: int | None = 8,
+                         convention: str = "torchvision") -> np.ndarray | torch.Tensor:
     """Fraction (G, G) of each cell covered by the union of the binarised masks (all zero when n = 0).
 
     The merged mask of ICA (METHODS.md section 2) at grid resolution; sampling as in
@@ -174,14 +220,14 @@ def merged_grid_coverage(boxes, masks, image_hw, grid: int, threshold: float = 0
     """
     b, m, H, W = _check(boxes, masks, image_hw)
     if samples_per_cell is None:
-        union = (_sample(b, m, H, W, H, W) >= threshold).any(dim=0, keepdim=True).to(torch.float32)
+        union = (_sample(b, m, H, W, H, W, convention) >= threshold).any(dim=0, keepdim=True).to(torch.float32)
         ay, ax = _cell_overlap(H, grid), _cell_overlap(W, grid)
         out = torch.matmul(torch.matmul(ay, union[0]), ax.T)
     else:
         if grid < 1 or samples_per_cell < 1:
             raise ValueError(f"grid and samples_per_cell must be >= 1, got {grid}, {samples_per_cell}")
         s = int(samples_per_cell)
-        union = (_sample(b, m, H, W, grid * s, grid * s) >= threshold).any(dim=0).to(torch.float32)
+        union = (_sample(b, m, H, W, grid * s, grid * s, convention) >= threshold).any(dim=0).to(torch.float32)
         out = union.reshape(grid, s, grid, s).mean(dim=(1, 3))
     return _like(out, masks)
 

@@ -76,6 +76,12 @@ class Store:
         return self._attrs
 
     @property
+    def mask_paste(self) -> str:
+        """How the stored masks are pasted to pixels: "torchvision" or "detectron2", the convention of the
+        detector that produced them (METHODS.md section 12); unrecorded in older stores: "torchvision"."""
+        return _masks().paste_convention(self._attrs)
+
+    @property
     def classes(self) -> list[str]:
         return list(self._attrs.get("classes") or [])
 
@@ -221,12 +227,13 @@ class Store:
         inst = self.instances(i)
         hw = self.hw(i)
         if isinstance(size, str) and size == "image":
-            return _masks().paste_masks(inst["boxes"], inst["masks"], hw)
+            return _masks().paste_masks(inst["boxes"], inst["masks"], hw, convention=self.mask_paste)
         if isinstance(size, str) and size == "grid":
-            return _masks().grid_coverage(inst["boxes"], inst["masks"], hw, self.layout.capacities.grid_size)
+            return _masks().grid_coverage(inst["boxes"], inst["masks"], hw, self.layout.capacities.grid_size,
+                                          convention=self.mask_paste)
         if isinstance(size, str) or len(size) != 2:
             raise ValueError(f"size must be 'image', 'grid' or (h, w), got {size!r}")
-        return _masks().resize_masks(inst["boxes"], inst["masks"], hw, size)
+        return _masks().resize_masks(inst["boxes"], inst["masks"], hw, size, convention=self.mask_paste)
 
     # ----------------------------------------------------------------------------------------- matches
     def matches(self, i, c: int) -> list[dict]:
@@ -272,14 +279,17 @@ class Store:
         keep = (inst["labels"] == match["label"]) & (inst["scores"] >= score_threshold)
         boxes, masks, hw = inst["boxes"][keep], inst["masks"][keep], self.hw(k)
         if isinstance(size, str) and size == "grid":
-            return _masks().merged_grid_coverage(boxes, masks, hw, self.layout.capacities.grid_size)
+            return _masks().merged_grid_coverage(boxes, masks, hw, self.layout.capacities.grid_size,
+                                                 convention=self.mask_paste)
         if isinstance(size, str) and size == "image":
             out_hw = hw
         elif not isinstance(size, str) and len(size) == 2:
             out_hw = tuple(int(s) for s in size)
         else:
             raise ValueError(f"size must be 'image', 'grid' or (h, w), got {size!r}")
-        return (_masks().resize_masks(boxes, masks, hw, out_hw) >= 0.5).any(axis=0) if len(boxes) else np.zeros(out_hw, bool)
+        if not len(boxes):
+            return np.zeros(out_hw, bool)
+        return (_masks().resize_masks(boxes, masks, hw, out_hw, convention=self.mask_paste) >= 0.5).any(axis=0)
 
     # ---------------------------------------------------------------------------------------- features
     def regions(self, i) -> dict:
@@ -346,7 +356,7 @@ def _render(store: Store, k: int, caption: int, word, ax, score_threshold: float
             keep &= inst["labels"] == chosen["label"]
         sel = np.flatnonzero(keep)
         sel = sel[np.argsort(inst["scores"][sel])]  # highest score drawn last, on top
-        probs = _masks().paste_masks(inst["boxes"][sel], inst["masks"][sel], (h, w))
+        probs = _masks().paste_masks(inst["boxes"][sel], inst["masks"][sel], (h, w), convention=store.mask_paste)
         overlay = np.zeros((h, w, 4), np.float32)
         for p, j in zip(probs, sel):
             col = _class_color(inst["labels"][j])

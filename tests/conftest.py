@@ -75,8 +75,10 @@ def _row_content(rng, cap: Capacities, row: int):
 
 
 def make_tiny_store(url, image_root: Path, n: int = 20, block_size: int = 8, *, seed: int = 0,
-                    blocks=None, finalize: bool = True, caps: Capacities = TINY_CAPS) -> TinyStore:
-    """Write a store of ``n`` rows (all blocks, or only ``blocks``) plus its images under ``image_root``."""
+                    blocks=None, finalize: bool = True, caps: Capacities = TINY_CAPS,
+                    extra_attrs: dict | None = None) -> TinyStore:
+    """Write a store of ``n`` rows (all blocks, or only ``blocks``) plus its images under ``image_root``;
+    ``extra_attrs`` are added to its root attributes."""
     rng = np.random.default_rng(seed)
     layout = Layout(num_rows=n, block_size=block_size, capacities=caps)
     specs = {s.path: s for s in layout.specs()}
@@ -112,7 +114,7 @@ def make_tiny_store(url, image_root: Path, n: int = 20, block_size: int = 8, *, 
             truth["matches/span"][r, c, :len(sp)] = np.asarray(sp, dtype=np.int32).reshape(-1, 4)
             truth["matches/label"][r, c, :len(sl)] = sl
     attrs = {"dataset": "tiny", "image_root": str(image_root), "splits": {s: 0 for s in SPLITS}, "sources": [],
-             "config": {"detector": "synthetic"}, "classes": CLASSES}
+             "config": {"detector": "synthetic"}, "classes": CLASSES, **(extra_attrs or {})}
     writer = StoreWriter(url, layout, attrs, overwrite=True)
     todo = range(layout.num_blocks) if blocks is None else blocks
     for b in todo:

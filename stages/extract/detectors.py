@@ -40,9 +40,9 @@ MASK_SIZE = 28
 NO_INTERNET = ("no internet: pass {flag} PATH (a local copy of that file; config key {key}), "
                "or --weights none for random init of every model")
 D2_MISSING = (
-    "detectron2 is not installed; build it from source: "
-    "pip install 'git+https://github.com/facebookresearch/detectron2.git' "
-    "(needs a C++ compiler and CUDA toolkit matching torch)"
+    "detectron2 is not installed (it is not on PyPI); build it from source into this environment: "
+    "pip install --no-build-isolation 'git+https://github.com/facebookresearch/detectron2.git' "
+    "(a C++ compiler is all a CPU build needs; README.md's detectron2 section has the tested commit and the GPU build)"
 )
 
 

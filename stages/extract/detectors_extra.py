@@ -26,46 +26,102 @@ from .detectors import (
 )
 
 
+class Detectron2MissingError(DetectorError, ImportError):
+    """detectron2 is not importable; the message says how to build it (a ValueError too, so the CLI
+    prints it as one line)."""
+
+
 def import_detectron2():
     """Import detectron2 or raise the install instructions (it is an optional, source-built dependency)."""
     try:
         import detectron2  # noqa: F401
     except ImportError:
-        raise ImportError(D2_MISSING) from None
+        raise Detectron2MissingError(D2_MISSING) from None
     return detectron2
+
+
+ZOO_EXAMPLE = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"
+
+
+def _model_zoo_dir() -> Path:
+    """detectron2's ``model_zoo`` package folder, found without importing it: ``detectron2.model_zoo``
+    imports ``pkg_resources``, which setuptools >= 81 no longer ships."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("detectron2.model_zoo")
+    if spec is None or not spec.submodule_search_locations:
+        raise DetectorError("this detectron2 build has no model_zoo package; pass a config file instead of a zoo name")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def zoo_config_file(name: str) -> Path:
+    """The file of model-zoo config ``name`` (what ``model_zoo.get_config_file`` returns)."""
+    path = _model_zoo_dir() / "configs" / name
+    if not path.is_file():
+        raise DetectorError(f"{name!r} is neither a config file nor a detectron2 model-zoo name "
+                            f"(zoo names look like {ZOO_EXAMPLE!r})")
+    return path
+
+
+def zoo_checkpoint_url(name: str) -> str:
+    """The trained checkpoint URL of model-zoo config ``name`` (what ``model_zoo.get_checkpoint_url``
+    returns), read from ``model_zoo.py``'s own table without importing it (see :func:`_model_zoo_dir`)."""
+    import ast
+
+    source = (_model_zoo_dir() / "model_zoo.py").read_text()
+    found = {}
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            if node.targets[0].id in ("S3_PREFIX", "CONFIG_PATH_TO_URL_SUFFIX"):
+                found[node.targets[0].id] = ast.literal_eval(node.value)
+    if set(found) != {"S3_PREFIX", "CONFIG_PATH_TO_URL_SUFFIX"}:
+        raise DetectorError("cannot read detectron2's model-zoo checkpoint table; pass --detector-weights PATH")
+    key = name.replace(".yaml", "").replace(".py", "")
+    if key not in found["CONFIG_PATH_TO_URL_SUFFIX"]:
+        raise DetectorError(f"{name}: detectron2's model zoo has no trained checkpoint for it; pass --detector-weights PATH")
+    return f"{found['S3_PREFIX']}{key}/{found['CONFIG_PATH_TO_URL_SUFFIX'][key]}"
+
+
+def _is_remote(source: str) -> bool:
+    return "://" in source  # http(s)://, detectron2://, catalog:// ... (detectron2's PathManager handlers)
 
 
 @DETECTORS.register("detectron2")
 class Detectron2Detector:
-    """detectron2 Mask R-CNN from a model-zoo config name or a config file.
+    """detectron2 Mask R-CNN from a model-zoo config name or a yacs (``.yaml``) config file.
 
     ``weights``: "DEFAULT" (the zoo checkpoint for a zoo name, or the config's MODEL.WEIGHTS), a PATH or
     URL detectron2's checkpointer reads, or "none". Inference runs the model's modules (preprocess,
-    backbone, proposal generator, RoI heads) without ``detector_postprocess``, so ``pred_masks`` are the
-    (n,1,M,M) box-relative probabilities; boxes are rescaled to original pixels here.
+    backbone, proposal generator, RoI heads) and then what ``detector_postprocess`` does to boxes —
+    rescale to original pixels, clip, drop boxes left empty — but not its mask pasting, so the kept
+    ``pred_masks`` are the (n,1,M,M) box-relative probabilities; the store pastes them detectron2's way
+    (``mask_paste``, METHODS.md section 12). The instances kept are exactly ``DefaultPredictor``'s.
     """
 
-    DEFAULT_CONFIG = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"
+    DEFAULT_CONFIG = ZOO_EXAMPLE
 
     def __init__(self, config: str | None = None, weights: str = "DEFAULT", score_threshold: float = 0.05,
                  max_instances: int = 32, min_size: int | None = None, max_size: int | None = None,
                  proposals: int | None = None,
                  device: str = "cpu", amp: bool = True, class_names: Sequence[str] | None = None):
         import_detectron2()
-        from detectron2 import model_zoo
-        from detectron2.checkpoint import DetectionCheckpointer
         from detectron2.config import get_cfg
         from detectron2.data import MetadataCatalog
         from detectron2.data import transforms as T
         from detectron2.modeling import build_model
 
-        config = config or self.DEFAULT_CONFIG
-        cfg = get_cfg()
+        config = str(config or self.DEFAULT_CONFIG)
         from_zoo = not Path(config).is_file()
+        if config.endswith(".py"):
+            raise DetectorError(f"{config}: a LazyConfig (.py) config; the detectron2 backend reads yacs .yaml "
+                                f"configs (e.g. {ZOO_EXAMPLE!r})")
+        cfg = get_cfg()
+        path = zoo_config_file(config) if from_zoo else Path(config)
         try:
-            cfg.merge_from_file(model_zoo.get_config_file(config) if from_zoo else config)
-        except RuntimeError as e:
-            raise DetectorError(f"{config!r} is neither a config file nor a detectron2 model-zoo name ({e})") from None
+            cfg.merge_from_file(str(path))
+        except Exception as e:  # yaml syntax errors, unknown keys (KeyError), bad values, a missing _BASE_
+            raise DetectorError(f"{path}: not a detectron2 yacs config ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0] if str(e) else ''})") from None
         if not cfg.MODEL.MASK_ON:
             raise DetectorError(f"{config}: not an instance-segmentation config (MODEL.MASK_ON is False)")
         cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = float(score_threshold)
@@ -77,26 +133,24 @@ class Detectron2Detector:
             cfg.INPUT.MAX_SIZE_TEST = int(max_size)
         if proposals is not None:
             cfg.MODEL.RPN.PRE_NMS_TOPK_TEST = cfg.MODEL.RPN.POST_NMS_TOPK_TEST = int(proposals)
-        self.cfg, self.device, self.amp = cfg, torch.device(device), bool(amp)
-        self.model = build_model(cfg).eval()
         source = None
         if weights == "DEFAULT":
-            source = model_zoo.get_checkpoint_url(config) if from_zoo else cfg.MODEL.WEIGHTS
+            source = zoo_checkpoint_url(config) if from_zoo else cfg.MODEL.WEIGHTS
             if not source:
-                raise DetectorError(f"{config}: no MODEL.WEIGHTS in the config; pass --detector-weights PATH, or --weights none")
+                raise DetectorError(f"{config}: no MODEL.WEIGHTS in the config; pass --detector-weights PATH, or "
+                                    "--weights none")
         elif weights != "none":
             source = str(weights)
+        if source and not _is_remote(source) and not Path(source).is_file():  # before the model is built
+            raise DetectorError(f"detectron2 weights file not found: {source} (pass --detector-weights PATH to a "
+                                "detectron2 checkpoint, DEFAULT or none)")
+        cfg.MODEL.WEIGHTS = source or ""
+        cfg.freeze()
+        self.cfg, self.device, self.amp = cfg, torch.device(device), bool(amp)
+        self.model = build_model(cfg).eval()
         self.weights_id, self.weights_sha256 = source or "none (random init)", None
         if source:
-            try:
-                DetectionCheckpointer(self.model).load(source)
-            except OSError as e:
-                raise DetectorError(f"could not load {source} ({e}); "
-                                    + NO_INTERNET.format(flag="--detector-weights", key="detector.weights")) from None
-            from detectron2.utils.file_io import PathManager
-
-            local = PathManager.get_local_path(source)  # the downloaded copy of a URL
-            self.weights_sha256 = sha256_file(local) if Path(local).is_file() else None
+            self.weights_sha256 = self._load_weights(source, config)
         num = cfg.MODEL.ROI_HEADS.NUM_CLASSES
         names = list(class_names) if class_names is not None else None
         if names is None and cfg.DATASETS.TEST:
@@ -107,19 +161,59 @@ class Detectron2Detector:
         self.config_name = config
         self.aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
 
+    def _load_weights(self, source: str, config: str) -> str | None:
+        """Load a detectron2 checkpoint (local file or URL) into the model; return the file's sha256.
+
+        Every model parameter must come from the checkpoint: detectron2's checkpointer only logs missing
+        keys, which would silently leave a random head."""
+        from urllib.parse import urlparse
+
+        from detectron2.checkpoint import DetectionCheckpointer
+        from detectron2.utils.file_io import PathManager
+
+        class Checkpointer(DetectionCheckpointer):
+            incompatible = None
+
+            def _load_model(self, checkpoint):  # keep what load() would only log
+                self.incompatible = super()._load_model(checkpoint)
+                return self.incompatible
+
+        try:  # as load() does: the query string is an option, not part of the file name
+            local = PathManager.get_local_path(urlparse(source)._replace(query="").geturl())
+        except OSError as e:  # downloads a URL into detectron2's cache
+            raise DetectorError(f"could not fetch {source} ({e}); "
+                                + NO_INTERNET.format(flag="--detector-weights", key="detector.weights")) from None
+        checkpointer = Checkpointer(self.model)
+        try:
+            checkpointer.load(source)
+        except Exception as e:  # pickle/zip errors, a dict without weights, tensors of the wrong type
+            first = str(e).splitlines()[0] if str(e) else ""
+            raise DetectorError(f"{source}: not a detectron2 checkpoint ({type(e).__name__}: {first}); pass "
+                                "--detector-weights PATH to a .pkl/.pth saved by detectron2, DEFAULT or none") from None
+        inc = checkpointer.incompatible
+        bad = list(getattr(inc, "missing_keys", [])) + [k for k, *_ in getattr(inc, "incorrect_shapes", [])]
+        if bad:
+            raise DetectorError(f"{source}: does not fit {config} ({len(bad)} parameters missing or of another "
+                                f"shape, e.g. {bad[:3]}); pass the checkpoint trained with this config")
+        return sha256_file(local) if Path(local).is_file() else None
+
     def config(self) -> dict[str, Any]:
         import detectron2
 
         c = self.cfg
-        return {"backend": "detectron2", "arch": self.config_name, "weights_id": self.weights_id,
-                "weights_sha256": self.weights_sha256, "score_threshold": c.MODEL.ROI_HEADS.SCORE_THRESH_TEST,
+        return {"backend": "detectron2", "config": self.config_name, "config_yaml": c.dump(),
+                "weights_id": self.weights_id, "weights_sha256": self.weights_sha256,
+                "score_threshold": c.MODEL.ROI_HEADS.SCORE_THRESH_TEST,
                 "max_instances": c.TEST.DETECTIONS_PER_IMAGE, "min_size": c.INPUT.MIN_SIZE_TEST,
                 "max_size": c.INPUT.MAX_SIZE_TEST, "nms_iou": c.MODEL.ROI_HEADS.NMS_THRESH_TEST,
                 "proposals": c.MODEL.RPN.POST_NMS_TOPK_TEST, "mask_size": c.MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION * 2,
-                "num_classes": len(self.class_names), "amp": self.amp, "detectron2": detectron2.__version__}
+                "mask_paste": "detectron2", "num_classes": len(self.class_names), "amp": self.amp,
+                "detectron2": detectron2.__version__}
 
     @torch.inference_mode()
     def detect(self, images, records=None) -> list[Detections]:
+        from detectron2.structures import Boxes
+
         if len(images) == 0:
             return []
         inputs = []
@@ -138,18 +232,19 @@ class Detectron2Detector:
         out = []
         for res, props, inp in zip(results, proposals, inputs):
             h, w = inp["height"], inp["width"]
-            scale = torch.tensor([w / res.image_size[1], h / res.image_size[0]] * 2)
-            boxes = (res.pred_boxes.tensor.float().cpu() * scale).clamp_(min=0)
-            boxes[:, 0::2].clamp_(max=w)
-            boxes[:, 1::2].clamp_(max=h)
+            # detector_postprocess's box steps, with detectron2's own Boxes ops: scale, clip, drop empty
+            boxes = Boxes(res.pred_boxes.tensor.float().clone())
+            boxes.scale(w / res.image_size[1], h / res.image_size[0])
+            boxes.clip((h, w))
+            keep = boxes.nonempty().cpu()
             masks = res.pred_masks.float().cpu()
             if masks.ndim != 4 or masks.shape[1] != 1:
                 raise DetectorError(f"{self.config_name}: pred_masks of shape {tuple(masks.shape)}, expected (n,1,M,M)")
             pboxes = props.proposal_boxes.tensor.float().cpu() * torch.tensor(
                 [w / props.image_size[1], h / props.image_size[0]] * 2)
-            out.append(Detections(boxes=boxes, labels=res.pred_classes.cpu(), scores=res.scores.float().cpu(),
-                                  masks=masks[:, 0], image_size=(h, w), proposals=pboxes,
-                                  proposal_scores=props.objectness_logits.float().sigmoid().cpu()))
+            out.append(Detections(boxes=boxes.tensor.cpu()[keep], labels=res.pred_classes.cpu()[keep],
+                                  scores=res.scores.float().cpu()[keep], masks=masks[keep, 0], image_size=(h, w),
+                                  proposals=pboxes, proposal_scores=props.objectness_logits.float().sigmoid().cpu()))
         return out
 
 

@@ -88,6 +88,8 @@ def content_config(cfg: ExtractConfig) -> dict:
     """The part of the config that decides the store's content (compared on resume)."""
     data = to_dict(cfg)
     data.pop("runtime")
+    if data["detector"]["backend"] == "detectron2":
+        data["detector"].pop("arch")  # torchvision's; detectron2 records its own config (models.detector)
     return data
 
 
