@@ -138,6 +138,9 @@ def test_zoo_configs_work_without_pkg_resources():
     assert len(det.class_names) == 80 and det.class_names[0] == "person" and det.weights_id == "none (random init)"
     out = det.detect(_images()[:2])
     assert [d.image_size for d in out] == SIZES[:2]
+    city = DETECTORS.build("detectron2", config="Cityscapes/mask_rcnn_R_50_FPN.yaml", weights="none", **SMALL)
+    assert city.class_names[:2] == ["person", "rider"] and len(city.class_names) == 8
+    assert city.detect(_images()[:1])[0].labels.max(initial=0) < 8
 
 
 # --------------------------------------------------- items 2, 3: exactly DefaultPredictor's instances
@@ -201,7 +204,7 @@ def _extract(dataset, out, *args):
 @needs_detectron2
 def test_cli_extract_end_to_end(dataset, checkpoint, ours, predictions, tmp_path):
     url = tmp_path / "d2.zarr"
-    result = _extract(dataset, url, "--weights", checkpoint, "--batch-size", "1")
+    result = _extract(dataset, url, "--detector-weights", checkpoint, "--batch-size", "1")
     assert result.exit_code == 0, result.output
     assert verify(str(url)).ok
     store = open_store(url)
@@ -258,7 +261,8 @@ def test_missing_weights_file(dataset, tmp_path):
     missing = tmp_path / "nope" / "model_final.pkl"
     with pytest.raises(DetectorError, match=f"weights file not found: {missing}"):
         DETECTORS.build("detectron2", weights=str(missing), **SMALL)
-    _one_line_error(_extract(dataset, tmp_path / "s.zarr", "--weights", str(missing)), str(missing), "--weights")
+    _one_line_error(_extract(dataset, tmp_path / "s.zarr", "--detector-weights", str(missing)), str(missing),
+                    "--detector-weights")
 
 
 @needs_detectron2
@@ -275,7 +279,7 @@ def test_files_that_are_not_detectron2_checkpoints(dataset, tmp_path):
     torch.save({"model": {"backbone.body.conv1.weight": torch.zeros(64, 3, 7, 7)}}, other)
     with pytest.raises(DetectorError, match=f"{other}: does not fit {ZOO_EXAMPLE}"):
         DETECTORS.build("detectron2", weights=str(other), **SMALL)
-    _one_line_error(_extract(dataset, tmp_path / "s.zarr", "--weights", str(junk)), str(junk), "not a detectron2 checkpoint")
+    _one_line_error(_extract(dataset, tmp_path / "s.zarr", "--detector-weights", str(junk)), str(junk), "not a detectron2 checkpoint")
 
 
 @needs_detectron2
