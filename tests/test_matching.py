@@ -11,6 +11,7 @@ from vlcache.stages.extract.matching import (
     ClassWordMatcher,
     Match,
     load_class_words,
+    load_not_class_phrases,
     match_statistics,
     plural_forms,
 )
@@ -172,3 +173,48 @@ def test_match_statistics(coco):
     with pytest.raises(ValueError, match="caption 0"):
         match_statistics([[Match(0, 1, 0, 1, 99, "x")]], coco.class_names)
     assert match_statistics([], coco.class_names)["mean_matched_objects_per_caption"] == 0.0
+
+
+# ------------------------------------------------------------------ issue 13: real-style captions
+CAPTIONS_FILE = Path(__file__).with_name("matching_captions.txt")
+
+
+def _expected_matches():
+    cases = []
+    for line in CAPTIONS_FILE.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            caption, _, expected = line.partition("|")
+            pairs = [tuple(x.strip() for x in p.split("=")) for p in expected.split(",") if p.strip()]
+            cases.append((caption.strip(), pairs))
+    return cases
+
+
+def test_hand_written_captions_match_as_expected(coco):
+    cases = _expected_matches()
+    assert len(cases) >= 100
+    wrong = [(caption, named(coco, caption), expected) for caption, expected in cases
+             if named(coco, caption) != expected]
+    assert not wrong, "\n".join(f"{c!r}: got {g}, expected {e}" for c, g, e in wrong)
+
+
+def test_orange_the_colour_is_not_the_fruit(coco):
+    colour = ["an orange cat", "orange juice", "black and orange", "orange and white kite", "bright orange bus",
+              "the truck is orange", "an orange colored wall", "orange-colored"]
+    fruit = ["an orange", "an orange on a plate", "oranges", "orange slices", "an orange and an apple",
+             "an orange cut in half", "two oranges and a banana"]
+    assert [c for c in colour if any(w == "orange" for w, _ in named(coco, c))] == []
+    assert [f for f in fruit if "orange" not in [cls for _, cls in named(coco, f)]] == []
+    # exact mode stays literal: the class name matches wherever it appears
+    assert named(ClassWordMatcher.coco(mode="exact"), "an orange cat") == [("orange", "orange"), ("cat", "cat")]
+
+
+def test_not_a_class_phrases_claim_their_words(coco, tmp_path):
+    assert named(coco, "a computer board") == [] and named(coco, "a computer") == [("computer", "laptop")]
+    assert load_not_class_phrases()[:2] == ["computer board", "circuit board"]
+    assert "computer board" not in coco.vocabulary and "!" not in load_class_words()
+    own = ClassWordMatcher(["laptop"], {"laptop": ["computer"]}, not_classes=["computer game"])
+    assert named(own, "a computer game on a computer") == [("computer", "laptop")]
+    bad = tmp_path / "words.txt"
+    bad.write_text("laptop, computer\n!, computer\n")
+    with pytest.raises(ValueError, match="listed under '!' and under 'laptop'"):
+        load_class_words(bad)

@@ -9,6 +9,12 @@ class names (and their plurals) only, for parity with the paper's wording.
 Overlapping candidates are resolved longest first, then leftmost: in "a teddy bear" the span
 "teddy bear" wins over "bear". Each match carries a token span (into the Karpathy tokens) and a
 character span (into the raw caption), so a subword tokenizer can map it with its offset mapping.
+
+Two guards against false hits (``mode="synonyms"`` only; ``exact`` stays literal): phrases that name no
+class (the table's ``!`` line: "computer board", "orange juice") take part in longest-first matching and
+claim their words, so "computer" in "computer board" is not a laptop; and a class name that is also a
+colour ("orange") is the colour, not the object, when it is used as an adjective (see
+:func:`colour_use`).
 """
 
 from __future__ import annotations
@@ -28,6 +34,24 @@ _WORD = re.compile(r"[A-Za-z0-9]+")
 
 # Placeholder names in detector label lists that must never match ("N/A" would match the word "a").
 _PLACEHOLDERS = {"__background__", "n/a", ""}
+NOT_A_CLASS = "!"  # the class_words.txt line of phrases that name no class
+
+# Colour words, for telling the colour "orange" from the fruit (colour_use).
+COLOURS = {
+    "red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white", "grey", "gray",
+    "gold", "golden", "silver", "tan", "beige", "teal", "maroon", "navy", "violet", "turquoise", "colorful",
+}  # fmt: skip
+_SHADES = {"bright", "dark", "light", "pale", "deep", "neon", "burnt", "vivid", "dull", "reddish", "yellowish"}
+_COPULAS = {"is", "are", "was", "were", "be", "been", "painted", "colored", "coloured", "all", "mostly", "mainly"}
+# Words after a singular colour-class word that leave it a noun (the fruit): function words, verbs, and
+# the fruit's own parts ("an orange on a plate", "an orange cut in half", "orange slices").
+_NOUN_FOLLOWERS = {
+    "on", "in", "at", "by", "near", "next", "beside", "behind", "under", "over", "with", "without", "of", "from",
+    "and", "or", "but", "to", "for", "that", "which", "who", "while", "as", "is", "are", "was", "were", "has",
+    "have", "sits", "sitting", "lies", "lying", "laying", "rests", "resting", "being", "cut", "sliced", "peeled",
+    "half", "halves", "halved", "slice", "slices", "wedge", "wedges", "peel", "peels", "segment", "segments",
+    "section", "sections", "rind", "a", "an", "the", "this", "it", "there", "here",
+}  # fmt: skip
 
 # Irregular plurals; also applied to compounds ending in the word (policeman -> policemen,
 # grandchild -> grandchildren, pocketknife -> pocketknives).
@@ -117,8 +141,20 @@ def load_class_words(path: str | Path = CLASS_WORDS_FILE) -> dict[str, list[str]
 
     Returns ``{class_name: [words...]}`` in file order (the class name itself not repeated). Repeats
     within a line are dropped; a class listed twice or a word under two classes is a ``ValueError``
-    naming the file and line.
+    naming the file and line. The ``!`` line (phrases naming no class) is not part of the table; see
+    :func:`load_not_class_phrases`.
     """
+    table = _read_table(path)
+    table.pop(NOT_A_CLASS, None)
+    return table
+
+
+def load_not_class_phrases(path: str | Path = CLASS_WORDS_FILE) -> list[str]:
+    """The phrases of the table's ``!`` line: word sequences that name no class ("computer board")."""
+    return _read_table(path).get(NOT_A_CLASS, [])
+
+
+def _read_table(path: str | Path) -> dict[str, list[str]]:
     path = Path(path)
     table: dict[str, list[str]] = {}
     owner: dict[str, tuple[str, int]] = {}  # normalised word -> (class, line)
@@ -132,7 +168,7 @@ def load_class_words(path: str | Path = CLASS_WORDS_FILE) -> dict[str, list[str]
         if name in table:
             raise ValueError(f"{path}:{lineno}: class {name!r} is listed twice")
         words: list[str] = []
-        for item in items:
+        for item in items[1:] if name == NOT_A_CLASS else items:
             key = " ".join(_words(item))
             if not key:
                 raise ValueError(f"{path}:{lineno}: entry {item!r} has no letters or digits")
@@ -158,6 +194,8 @@ class ClassWordMatcher:
     as ``"__background__"`` and ``"N/A"`` never match). ``synonyms`` maps class names to extra words or
     phrases; ``mode="exact"`` ignores it. A phrase claimed by two classes is a ``ValueError``, except
     that a listed phrase beats a generated plural form ("glasses" listed vs. the plural of "glass").
+    ``not_classes``: phrases that name no class (default: the curated table's ``!`` line); a class
+    phrase of the same words wins over them.
     """
 
     def __init__(
@@ -165,6 +203,7 @@ class ClassWordMatcher:
         class_names: list[str],
         synonyms: dict[str, list[str]] | None = None,
         mode: str = "synonyms",
+        not_classes: list[str] | None = None,
     ):
         if mode not in ("synonyms", "exact"):
             raise ValueError(f"matching mode must be 'synonyms' or 'exact', got {mode!r}")
@@ -187,6 +226,12 @@ class ClassWordMatcher:
                 # the listed form first, then sorted: errors and the table do not depend on set order
                 for form in sorted(phrase_forms(phrase), key=lambda f: (f != words, f)):
                     self._add(form, label, listed=form == words)
+        if mode == "synonyms":  # label -1: claims its words, names nothing
+            for phrase in load_not_class_phrases() if not_classes is None else not_classes:
+                for form in phrase_forms(phrase):
+                    self._table.setdefault(form, (-1, False))
+        self._colour_labels = {label for form, (label, _) in self._table.items()
+                               if mode == "synonyms" and len(form) == 1 and form[0] in COLOURS}
         self._max_len = max((len(k) for k in self._table), default=0)
 
     def _add(self, form: tuple[str, ...], label: int, listed: bool) -> None:
@@ -213,7 +258,7 @@ class ClassWordMatcher:
     @property
     def vocabulary(self) -> dict[str, str]:
         """Every matchable phrase (with generated plurals) -> its class name."""
-        return {" ".join(k): self.class_names[v[0]] for k, v in sorted(self._table.items())}
+        return {" ".join(k): self.class_names[v[0]] for k, v in sorted(self._table.items()) if v[0] >= 0}
 
     def match(self, raw: str, tokens: list[str] | tuple[str, ...] | None = None) -> list[Match]:
         """Class-naming spans of one caption, sorted by position.
@@ -244,10 +289,34 @@ class ClassWordMatcher:
             if any(taken[s:e]):
                 continue
             taken[s:e] = [True] * (e - s)
+            if label < 0 or (label in self._colour_labels and e - s == 1 and colour_use(norm, s)):
+                continue  # a phrase naming no class, or a colour word used as a colour
             first, last = spans[s], spans[e - 1]
             cs, ce = (first[0], last[1]) if first and last else (-1, -1)
             out.append(Match(s, e, cs, ce, label, " ".join(norm[s:e])))
         return sorted(out, key=lambda m: m.token_start)
+
+
+def colour_use(words: list[str], i: int) -> bool:
+    """Whether ``words[i]``, a colour that is also a class ("orange"), is used as the colour.
+
+    The colour when: it is in a list of colours ("orange and white", "black and orange"), shaded ("bright
+    orange"), a predicate ("is orange", "painted orange"), or an adjective before a noun ("orange cat",
+    "orange juice"), i.e. followed by a word that is not a function word, verb or part of the fruit.
+    The object when plural ("oranges"), last, or followed by such a word ("an orange on a plate").
+    """
+    w = words[i]
+    if w not in COLOURS:
+        return False
+    prev = words[i - 1] if i > 0 else ""
+    prev2 = words[i - 2] if i > 1 else ""
+    nxt = words[i + 1] if i + 1 < len(words) else ""
+    nxt2 = words[i + 2] if i + 2 < len(words) else ""
+    if prev in COLOURS or prev in _SHADES or prev in _COPULAS or (prev in ("and", "or") and prev2 in COLOURS):
+        return True
+    if nxt in COLOURS or (nxt in ("and", "or") and nxt2 in COLOURS) or nxt in ("colored", "coloured", "color", "colour"):
+        return True
+    return bool(nxt) and nxt not in _NOUN_FOLLOWERS
 
 
 def _align(raw: str, tokens: list[str]) -> list[tuple[int, int] | None]:
