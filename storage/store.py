@@ -174,27 +174,24 @@ class Store:
         return f"{root.rstrip('/')}/{rel}" if "://" in root else str(Path(root) / rel)
 
     def image(self, i):
-        """The image of row ``i`` as a PIL image (read from the dataset's images, not from the store)."""
+        """The image of row ``i`` as extraction saw it, a PIL RGB image: decoded from the dataset's file by
+        the extraction's own decoder (EXIF orientation applied, transparency on white, 16-bit scaled,
+        CMYK/palette converted; ``stages/extract/images.py``), so its size is ``images/hw``."""
         from PIL import Image
+
+        from ..stages.extract.images import BadImageError, load_image
 
         path = self.image_path(i)
         k = self._row(i)
         try:
-            if "://" in path:
-                import fsspec
-
-                with fsspec.open(path, "rb") as f:
-                    img = Image.open(f)
-                    img.load()
-                    return img
-            img = Image.open(path)
-            img.load()
-            return img
-        except FileNotFoundError:
-            raise FileNotFoundError(
-                f"row {k} (image id {self._id(k)!r}): image file {path} not found; "
-                f"pass image_root=... to vlcache.open() if the images moved"
-            ) from None
+            return Image.fromarray(load_image(path))
+        except BadImageError as e:
+            if e.reason == "file not found":
+                raise FileNotFoundError(
+                    f"row {k} (image id {self._id(k)!r}): image file {path} not found; "
+                    f"pass image_root=... to vlcache.open() if the images moved"
+                ) from None
+            raise
 
     # ---------------------------------------------------------------------------------------- captions
     def captions(self, i) -> list[str]:
@@ -313,80 +310,6 @@ class Store:
         """A matplotlib Figure: the image with instance masks, boxes and class names + scores, caption
         ``caption`` below with matched words highlighted in their class colours. With ``word`` only the
         merged mask of that word is drawn. Uses the object API (no pyplot), so it works headless."""
-        return _render(self, self._row(i), caption, word, ax, score_threshold)
+        from .figures import draw_row  # matplotlib, imported on first use
 
-
-# ------------------------------------------------------------------------------------------ rendering
-def _class_color(label: int) -> tuple:
-    from matplotlib import colormaps
-
-    return tuple(colormaps["tab10"](int(label) % 10))
-
-
-def _render(store: Store, k: int, caption: int, word, ax, score_threshold: float):
-    from matplotlib.figure import Figure
-    from matplotlib.offsetbox import AnchoredOffsetbox, HPacker, TextArea, VPacker
-    from matplotlib.patches import Rectangle
-
-    h, w = store.hw(k)
-    try:
-        img = np.asarray(store.image(k).convert("RGB"))
-        title = f"row {k} · image {store._id(k)}"
-    except FileNotFoundError:  # still useful without the images: masks on grey
-        img = np.full((h, w, 3), 200, np.uint8)
-        title = f"row {k} · image {store._id(k)} (image file not found)"
-    if ax is None:
-        fig = Figure(figsize=(6.4, 6.4 * h / w + 1.2))
-        ax = fig.add_axes((0.02, 0.22, 0.96, 0.72))
-    fig = ax.figure
-    ax.imshow(img)
-    ax.set_axis_off()
-    ax.set_title(title, fontsize=9)
-
-    all_tokens = store.tokens(k)
-    if not 0 <= caption < len(all_tokens):
-        raise IndexError(f"row {k} (image id {store._id(k)!r}) has {len(all_tokens)} captions; no caption {caption}")
-    toks = all_tokens[caption]
-    matches = store.matches(k, caption) if "matches" in store.layout.groups and toks else []
-    chosen = store._match_of(k, caption, word) if word is not None else None
-    if "instances" in store.layout.groups:
-        inst = store.instances(k)
-        keep = inst["scores"] >= score_threshold
-        if chosen is not None:
-            keep &= inst["labels"] == chosen["label"]
-        sel = np.flatnonzero(keep)
-        sel = sel[np.argsort(inst["scores"][sel])]  # highest score drawn last, on top
-        probs = _masks().paste_masks(inst["boxes"][sel], inst["masks"][sel], (h, w), convention=store.mask_paste)
-        overlay = np.zeros((h, w, 4), np.float32)
-        for p, j in zip(probs, sel):
-            col = _class_color(inst["labels"][j])
-            overlay[p >= 0.5] = (*col[:3], 0.45)
-            x1, y1, x2, y2 = inst["boxes"][j]
-            ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=col, linewidth=1.5))
-            ax.text(x1, y1, f"{inst['class_names'][j]} {inst['scores'][j]:.2f}", fontsize=7, color="white",
-                    va="bottom", bbox=dict(facecolor=col, alpha=0.8, pad=1, lw=0))
-        ax.imshow(overlay)
-
-    # Caption: matched words get their class colour (the colour of its masks) as background.
-    tok_color = {}
-    for m in matches:
-        if chosen is None or m == chosen:
-            for t in range(m["token_start"], m["token_end"]):
-                tok_color[t] = _class_color(m["label"])
-    lines, line, used = [], [], 0
-    for t, tok in enumerate(toks):
-        if used + len(tok) > 60 and line:
-            lines.append(HPacker(children=line, align="baseline", pad=0, sep=4))
-            line, used = [], 0
-        props = dict(fontsize=10)
-        if t in tok_color:
-            props.update(fontweight="bold", bbox=dict(facecolor=tok_color[t], alpha=0.6, pad=1, lw=0))
-        line.append(TextArea(tok, textprops=props))
-        used += len(tok) + 1
-    if line:
-        lines.append(HPacker(children=line, align="baseline", pad=0, sep=4))
-    if lines:
-        box = AnchoredOffsetbox(loc="upper center", child=VPacker(children=lines, align="left", pad=0, sep=3),
-                                bbox_to_anchor=(0.5, -0.02), bbox_transform=ax.transAxes, frameon=False)
-        ax.add_artist(box)
-    return fig
+        return draw_row(self, self._row(i), caption, word, ax, score_threshold)
