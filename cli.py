@@ -42,6 +42,7 @@ app.add_typer(experiment_app, name="experiment")
 
 CONFIG_HELP = "YAML config file (precedence: defaults < file < options < --set)."
 SET_HELP = "Override any config key: key=value (parsed as YAML)."
+ALLOW_PARTIAL_HELP = "Train on the rows done of a store whose extraction is unfinished (the run records it)."
 EXIT_ERROR, EXIT_USAGE, EXIT_BAD_IMAGES, EXIT_INTERRUPTED = 1, 2, 3, 130
 _state = {"debug": bool(os.environ.get("VLCACHE_DEBUG"))}
 
@@ -350,6 +351,7 @@ def train_caption_cmd(
                                                show_default="16"),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N.", show_default="auto"),
     num_workers: Optional[int] = typer.Option(None, help="Data-loading worker processes.", show_default="2"),
+    allow_partial: bool = typer.Option(False, "--allow-partial", help=ALLOW_PARTIAL_HELP),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP + " Every key: vlcache/stages/train/"
                                              "caption_train.py (CaptionTrainConfig)."),
 ):
@@ -359,7 +361,7 @@ def train_caption_cmd(
     from .stages.train.caption_train import CaptionTrainConfig, train_caption
 
     opts = {"store": store, "ica_weight": ica_weight, "epochs": epochs, "batch_images": batch_images,
-            "device": device, "num_workers": num_workers}
+            "device": device, "num_workers": num_workers, "allow_partial": allow_partial or None}
     cfg = load_config(CaptionTrainConfig, config, opts, set_)
     _check_device(cfg.device, "device (config)")
     summary = train_caption(cfg, run)
@@ -414,6 +416,7 @@ def train_match_cmd(
     epochs: Optional[int] = typer.Option(None, help="Epochs.", show_default="20"),
     batch_size: Optional[int] = typer.Option(None, help="Images per step.", show_default="64"),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N.", show_default="auto"),
+    allow_partial: bool = typer.Option(False, "--allow-partial", help=ALLOW_PARTIAL_HELP),
     config: Optional[Path] = typer.Option(None, help=CONFIG_HELP, show_default="none"),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP + " Every key: vlcache/stages/train/"
                                              "match_train.py (MatchTrainConfig)."),
@@ -424,7 +427,7 @@ def train_match_cmd(
     from .stages.train.match_train import MatchTrainConfig, train_match
 
     opts = {"model": model, "store": store, "text_cache": text_cache, "ccr": ccr, "ccs": ccs, "ica": ica,
-            "epochs": epochs, "batch_size": batch_size, "device": device}
+            "epochs": epochs, "batch_size": batch_size, "device": device, "allow_partial": allow_partial or None}
     cfg = load_config(MatchTrainConfig, config, opts, set_)
     _check_device(cfg.device, "device (config)")
     summary = train_match(cfg, run)

@@ -149,7 +149,7 @@ def test_resume_mid_epoch_equals_uninterrupted(synth, cache, tmp_path, one_threa
                            val_max_images=4, **TINY)
     full = train_match(cfg, tmp_path / "full")
     part = train_match(MatchTrainConfig(**{**cfg.__dict__, "max_steps": 3}), tmp_path / "part")
-    assert part["stopped"] and part["step"] == 3 and part["epochs_done"] == 0  # 5 batches per epoch
+    assert part["stopped"] and part["step"] == 3 and part["epochs_completed"] == 0  # 5 batches per epoch
     done = train_match(cfg, tmp_path / "part")
     assert done["step"] == full["step"] == 10 and not done["stopped"]
     a = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=True)

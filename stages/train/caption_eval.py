@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ...pipeline.runs import RunDir
+from ...pipeline.runs import RunDir, check_run_store
 from ...storage.store import open_store
 from .attention_metrics import attention_correctness, attention_prf
 from .caption_data import (CaptionBatches, CaptionTransform, caption_loader, split_rows, store_fingerprint,
@@ -166,9 +166,7 @@ def evaluate_caption(run_dir, split: str = "test", beam_size: int | None = None,
     model, vocab, ckpt, config = load_run_model(run_dir, device=dev)
     url = store or config["store"]
     fp = store_fingerprint(url)
-    if fp != config.get("store_fingerprint"):
-        raise ValueError(f"store {url} has fingerprint {fp}, but run {run.path} was trained on a store with "
-                         f"fingerprint {config.get('store_fingerprint')}; evaluate on that store")
+    store_notes = check_run_store(run.path, config, url, fp)  # also says when it was a partial store
     info = store_info(url)
     beam = int(beam_size or config.get("beam_size", 3))
     max_len = int(config.get("max_len", vocab.max_len))
@@ -184,7 +182,7 @@ def evaluate_caption(run_dir, split: str = "test", beam_size: int | None = None,
     gts = {it["row"]: it["references"] for it in items}
     res = {it["row"]: it["caption"] for it in items}
     scores = scorer.score(gts, res) if scorer is not None else score_captions(gts, res)
-    notes = scores.pop("notes")
+    notes = store_notes + scores.pop("notes")
     scores.update(attention_scores(attn) if info["has_ica"] else {})
     if not info["has_ica"]:
         notes.append("attention metrics not computed: the store has no instances/matches groups")
@@ -195,8 +193,10 @@ def evaluate_caption(run_dir, split: str = "test", beam_size: int | None = None,
     run.create()
     names = [f"captions_{split}.json", f"scores_{split}.json"] + (["captions.json", "scores.json"] if split == "test" else [])
     for name in names:
-        data = items if name.startswith("captions") else scores
-        (run.eval / name).write_text(json.dumps(data, indent=1, default=_json_default))
+        if name.startswith("captions"):
+            (run.eval / name).write_text(json.dumps(items, indent=1, default=_json_default))
+        else:
+            run.write_scores(name, scores)  # NaN -> null, with a note saying why
     fig_paths = _attention_figures(run, url, image_root or config.get("image_root") or info["image_root"], vocab,
                                    attn, items, figures, float(config.get("ica_score_threshold", 0.5)),
                                    info["grid_size"], split) if info["has_ica"] and figures else []
@@ -280,8 +280,7 @@ def _attention_figures(run: RunDir, url, image_root, vocab: Vocab, attn: dict, i
         fig = attention_figure(image, panels, f"GT: {' '.join(tokens)}\ngenerated: {gen}",
                                f"row {row} caption {c} (teacher-forced attention)")
         path = run.figures / f"attention_{split}_row{row:06d}.png"
-        fig.savefig(path)
-        paths.append(path)
+        paths.append(run.save_figure(fig, path))
     return paths
 
 
@@ -303,7 +302,7 @@ def _write_report(run: RunDir, scores: dict, config: dict, figures: list[Path]) 
             ("ICA loss (1 = flat map at 0)", "attn_ica_loss")]
     lines = [f"# Captioning evaluation: {run.path.name}", "",
              f"Split **{scores['split']}**, {scores['n_images']} images, beam {scores['beam_size']}, "
-             f"checkpoint `{scores['checkpoint']}` (epoch {scores['epoch']}, step {scores['step']}).", "",
+             f"checkpoint `{scores['checkpoint']}` (after {scores['epoch']} epochs, step {scores['step']}).", "",
              "| metric | value |", "|---|---|"]
     lines += [f"| {name} | {_fmt(scores.get(key))} |" for name, key in rows if key in scores]
     lines += ["", f"Attention metrics over {scores.get('attn_words', 0)} matched word tokens of the ground-truth "

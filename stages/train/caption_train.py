@@ -27,10 +27,10 @@ import torch
 from tqdm import tqdm
 
 from ...pipeline.config import ConfigError, to_dict
-from ...pipeline.runs import RunDir, plot_curves
+from ...pipeline.runs import EpochLosses, RunDir, plot_curves, store_record
 from . import distributed as D
 from .caption_data import (CaptionBatches, CaptionTransform, caption_loader, grid_feature_stats, split_rows,
-                           store_fingerprint, store_info, train_tokens)
+                           store_info, train_tokens)
 from .caption_eval import decode_split, quick_scores
 from .losses import caption_xent, doubly_stochastic, ica_loss
 from .sat import ShowAttendTell
@@ -69,11 +69,12 @@ class CaptionTrainConfig:
     val_max_images: int | None = None  # validate on the first N val images (None = all)
     log_every: int = 20
     max_steps: int | None = None  # stop (with a checkpoint) after this many steps in total
+    allow_partial: bool = False  # train on the done rows of an incomplete store (the run records it)
 
 
 # Keys that may change when a run is resumed; any other difference is an error.
 RESUMABLE_KEYS = {"store", "image_root", "epochs", "patience", "num_workers", "device", "checkpoint_every",
-                  "val_max_images", "log_every", "max_steps"}
+                  "val_max_images", "log_every", "max_steps", "allow_partial"}
 
 
 def _model_args(vocab: Vocab, feat_dim: int, cfg: CaptionTrainConfig) -> dict:
@@ -179,7 +180,8 @@ def train_caption(cfg: CaptionTrainConfig, run_dir, resume: bool = True, progres
     dist = D.init_distributed(device)
     main = dist.is_main
     run = RunDir(run_dir)
-    fingerprint = store_fingerprint(cfg.store)
+    store_rec = store_record(cfg.store, cfg.allow_partial)  # refuses an incomplete store unless allowed
+    fingerprint = store_rec["store_fingerprint"]
     info = store_info(cfg.store)
     if cfg.ica_weight > 0 and not info["has_ica"]:
         raise ConfigError(f"ica_weight={cfg.ica_weight} needs the store's instances and matches groups; {cfg.store} "
@@ -202,7 +204,7 @@ def train_caption(cfg: CaptionTrainConfig, run_dir, resume: bool = True, progres
     model = model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     if main:
-        run.write_config({**to_dict(cfg), "store_fingerprint": fingerprint, "vocab_size": len(vocab),
+        run.write_config({**to_dict(cfg), **store_rec, "vocab_size": len(vocab),
                           "world_size": dist.world_size, "model": model_args})
 
     transform = CaptionTransform(vocab, info["grid_size"], ica=cfg.ica_weight > 0,
@@ -254,11 +256,11 @@ def train_caption(cfg: CaptionTrainConfig, run_dir, resume: bool = True, progres
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": model_args,
                 "vocab": vocab.to_dict(), "sampler": sampler.state_dict(position=position), "epoch": epoch,
                 "step": step, "rng": _rng_state(device), "best": best, "stopped_early": stopped_early,
-                "metric_records": logged, "lanes": lanes, "world_size": dist.world_size, "config": to_dict(cfg), "store_fingerprint": fingerprint})
+                "metric_records": logged, "epoch_losses": epoch_losses.state(), "lanes": lanes, "world_size": dist.world_size, "config": to_dict(cfg), "store_fingerprint": fingerprint})
 
     steps_per_epoch = math.ceil(sampler.num_samples / cfg.batch_images)
     interrupted = False
-    meter = _Meter()
+    meter, epoch_losses = _Meter(), EpochLosses(last.get("epoch_losses") if last is not None else None)
     while epoch < cfg.epochs and not stopped_early and not (cfg.max_steps is not None and step >= cfg.max_steps):
         sampler.set_epoch(epoch)
         ddp_model.train()
@@ -283,6 +285,7 @@ def train_caption(cfg: CaptionTrainConfig, run_dir, resume: bool = True, progres
             floats = {k: float(v.detach()) for k, v in terms.items()}
             n_pairs = int(batch["ica_sample"].numel()) if "ica_sample" in batch else 0
             meter.add(floats, int(batch["captions"].shape[0]), n_pairs, t_data, time.perf_counter() - t0)
+            epoch_losses.add(floats)
             bar.update(1)
             if step % cfg.log_every == 0:
                 rec = meter.record()
@@ -304,13 +307,15 @@ def train_caption(cfg: CaptionTrainConfig, run_dir, resume: bool = True, progres
             break
         start_batch = 0
         stop = False
+        epoch_rec = epoch_losses.pop()
         if main:
+            log(step=step, epoch=epoch, **epoch_rec)  # per epoch too: a 1-step epoch has a curve
             val = quick_scores(decode_split(model, val_loader, vocab, cfg.beam_size, cfg.max_len, device)[0])
             improved = val["CIDEr"] > best["score"]
             if improved:
                 best = {"score": val["CIDEr"], "epoch": epoch, "bad_epochs": 0}
                 run.save_checkpoint("best", {"model": model.state_dict(), "model_args": model_args,
-                                             "vocab": vocab.to_dict(), "epoch": epoch, "step": step,
+                                             "vocab": vocab.to_dict(), "epoch": epoch + 1, "step": step,
                                              "score": val["CIDEr"], "val": val, "store_fingerprint": fingerprint})
             else:
                 best["bad_epochs"] += 1
@@ -331,12 +336,13 @@ def train_caption(cfg: CaptionTrainConfig, run_dir, resume: bool = True, progres
         summary["data_wait_share"] = sum(r["data_wait"] for r in train_recs) / len(train_recs)
     if main:
         _plot(run)
+        run.close()
     return summary
 
 
 def _plot(run: RunDir) -> None:
     records = run.metrics()
-    plot_curves([r for r in records if "loss" in r], ["loss", "xent", "ds", "ica", "data_wait"],
+    plot_curves(records, ["loss", "xent", "ds", "ica", "data_wait"],
                 run.figures / "loss.png", title=run.path.name)
     plot_curves([r for r in records if "val_CIDEr" in r], ["val_CIDEr", "val_Bleu_4"], run.figures / "val.png",
                 x="epoch", title=run.path.name)

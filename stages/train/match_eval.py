@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...pipeline.runs import RunDir
+from ...pipeline.runs import RunDir, check_run_store
 from ...storage.backends import open_backend
 from ...storage.store import open_store
 from . import slan_train
@@ -88,13 +88,11 @@ def evaluate_match(run_dir, split: str = "test", rerank_top: int | None = None, 
     config = run.read_config()
     url = store or cfg.store
     fp = store_fingerprint(url)
-    if fp != config.get("store_fingerprint"):
-        raise ValueError(f"store {url} has fingerprint {fp}, but run {run.path} was trained on a store with "
-                         f"fingerprint {config.get('store_fingerprint')}; evaluate on that store")
+    store_notes = check_run_store(run.path, config, url, fp)  # also says when it was a partial store
     data = load_split(make_dataset(cfg, split, vocab, "all", True, store=url))
     if cfg.model in ("mmca", "slan") and "words" not in data:
         data = TextEncoder(cfg.bert, cfg.text_len, dev)(data)
-    notes = []
+    notes = list(store_notes)
     t0 = time.time()
     exact = similarity(net, data, dev)
     exact_s = time.time() - t0
@@ -145,7 +143,7 @@ def evaluate_match(run_dir, split: str = "test", rerank_top: int | None = None, 
     run.create()
     names = [f"scores_{split}.json"] + (["scores.json"] if split == "test" else [])
     for name in names:
-        (run.eval / name).write_text(json.dumps(scores, indent=1, default=_json_default))
+        run.write_scores(name, scores)  # NaN -> null, with a note saying why
     paths = attention_figures(run, store_view, data, weights, has, figures, split) if figures else []
     if figures and cfg.model == "slan":
         paths += slan_train.box_figures(run, lambda row: _image(store_view, row), data, has.nonzero().squeeze(1),
@@ -229,8 +227,7 @@ def attention_figures(run: RunDir, store, data: dict, weights: torch.Tensor, has
                                (data["match_labels"][j, :nreg] > 0).numpy(),
                                f"row {row}: '{text[cs:ce]}'\n{text}")
         path = run.figures / f"match_attention_{split}_row{row:06d}.png"
-        fig.savefig(path)
-        paths.append(path)
+        paths.append(run.save_figure(fig, path))
     return paths
 
 

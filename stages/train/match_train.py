@@ -30,10 +30,10 @@ import torch
 from torch import nn
 
 from ...pipeline.config import from_dict, to_dict
-from ...pipeline.runs import RunDir, plot_curves
+from ...pipeline.runs import EpochLosses, RunDir, plot_curves, store_record
 from ...storage.backends import open_backend
 from . import slan_train
-from .caption_data import split_rows, store_fingerprint, train_tokens
+from .caption_data import split_rows, train_tokens
 from .distributed import barrier, broadcast_object, init_distributed, is_main, resolve_device, wrap_model
 from .match_data import KINDS, MatchDataset, load_split, match_loader, resolve_positions
 from .match_model import MatchNet, match_losses, model_args
@@ -44,7 +44,8 @@ from .vocab import Vocab
 
 # Options that may change between a run and its resumption (how it runs, not what it computes). Not
 # num_workers: it sets the sampler's lanes (one per worker), hence the order of the rows.
-RUNTIME_KEYS = {"epochs", "device", "checkpoint_every", "log_every", "max_steps", "val_rerank_top", "val_max_images"}
+RUNTIME_KEYS = {"epochs", "device", "checkpoint_every", "log_every", "max_steps", "val_rerank_top", "val_max_images",
+                "allow_partial"}
 
 
 @dataclass
@@ -85,6 +86,7 @@ class MatchTrainConfig:
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0 = at epoch ends only
     log_every: int = 10
     max_steps: int = 0  # stop after this many steps in total (checkpointed; resumable); 0 = no limit
+    allow_partial: bool = False  # train on the done rows of an incomplete store (the run records it)
     val_rerank_top: int = 0  # MMCA validation by shortlist-and-rerank with this K; 0 = exact
     val_max_images: int = 0  # validate on the split's first N images only; 0 = all
     # SCAN
@@ -269,6 +271,7 @@ def train_match(cfg: MatchTrainConfig, run_dir, resume: bool = True,
     if not cfg.store:
         raise ValueError("MatchTrainConfig.store is empty: give the store URL to train on")
     run = RunDir(run_dir)
+    store_rec = store_record(cfg.store, cfg.allow_partial)  # refuses an incomplete store unless allowed
     info = init_distributed(resolve_device(cfg.device))
     device = resolve_device(cfg.device, info.local_rank)
     existed = broadcast_object(run.exists())  # rank 0's view, before anything is written
@@ -323,7 +326,7 @@ def train_match(cfg: MatchTrainConfig, run_dir, resume: bool = True,
         run.create()
         if vocab is not None:  # before config.yaml, which marks the run as existing
             (run.path / "vocab.json").write_text(json.dumps(vocab.to_dict()))
-        run.write_config({**to_dict(cfg), "store_fingerprint": store_fingerprint(cfg.store),
+        run.write_config({**to_dict(cfg), **store_rec,
                           "model_args": args, "region_dim": region_dim, "world_size": info.world_size})
     model = wrap_model(net, device, find_unused_parameters=net.has_unused_parameters)
 
@@ -335,9 +338,10 @@ def train_match(cfg: MatchTrainConfig, run_dir, resume: bool = True,
                 "sampler": sampler.state_dict(position=batches * cfg.batch_size), "rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                 "ccs_rng": gen.get_state(), "best_rsum": best["rsum"], "best_epoch": best["epoch"],
-                "world_size": info.world_size, **extra})
+                "world_size": info.world_size, "epoch_losses": epoch_losses.state(), **extra})
 
     started, stopped, last_val = time.time(), False, None
+    epoch_losses = EpochLosses(state.get("epoch_losses") if state is not None else None)  # a resumed epoch's sums
     while epoch < cfg.epochs and not stopped:
         for g in opt.param_groups:
             g["lr"] = _lr(cfg, epoch)
@@ -356,6 +360,7 @@ def train_match(cfg: MatchTrainConfig, run_dir, resume: bool = True,
             if net.kind == "slan":
                 slan_train.after_step(net, out, batch)
             batches, step = batches + 1, step + 1
+            epoch_losses.add(res)
             log_now = is_main() and (step % cfg.log_every == 0 or batches == 1)
             if log_now or on_step is not None:  # floats sync the GPU: only when someone reads them
                 losses = {k: float(v.detach()) for k, v in res.items()}
@@ -373,7 +378,9 @@ def train_match(cfg: MatchTrainConfig, run_dir, resume: bool = True,
             save("last")  # stopped mid-epoch: resume continues this epoch's order
             break
         epoch, batches = epoch + 1, 0
+        epoch_rec = epoch_losses.pop()
         if is_main():
+            run.log(step=step, epoch=epoch - 1, **epoch_rec)  # per epoch too: a 1-step epoch has a curve
             last_val = retrieval_metrics(net, val, device, cfg.val_rerank_top)
             run.log(step=step, epoch=epoch - 1, **{f"val_{k}": v for k, v in last_val.items()})
             if last_val["rsum"] > best["rsum"]:
@@ -383,15 +390,16 @@ def train_match(cfg: MatchTrainConfig, run_dir, resume: bool = True,
         barrier()
     if is_main():
         _curves(run)
+        run.close()
     barrier()  # every rank returns once the run is written (a stop mid-epoch skips the epoch's barrier)
-    return {"run_dir": str(run.path), "epochs_done": epoch, "step": step, "stopped": stopped,
+    return {"run_dir": str(run.path), "epochs_completed": epoch, "step": step, "stopped": stopped,
             "best_rsum": best["rsum"], "best_epoch": best["epoch"], "val": last_val,
             "seconds": round(time.time() - started, 2)}
 
 
 def _curves(run: RunDir) -> None:
     recs = run.metrics()
-    plot_curves([r for r in recs if "loss" in r], ["loss", "triplet", "itc", "itm", "reg", "ccr", "ccs", "ica"],
+    plot_curves(recs, ["loss", "triplet", "itc", "itm", "reg", "ccr", "ccs", "ica"],
                 run.figures / "loss.png", title=run.path.name)
     plot_curves([r for r in recs if "val_rsum" in r], ["val_rsum", "val_i2t_r1", "val_t2i_r1"],
                 run.figures / "val.png", x="epoch", title=run.path.name)

@@ -209,8 +209,7 @@ def box_figures(run, image_of, data: dict, idx: torch.Tensor, boxes: dict, loc: 
         fig = box_figure(image_of(row), boxes["before"][k].numpy(), boxes["after"][k].numpy(), loc["masks"].get(k),
                          title)
         path = run.figures / f"slan_boxes_{split}_row{row:06d}.png"
-        fig.savefig(path)
-        paths.append(path)
+        paths.append(run.save_figure(fig, path))
     return paths
 
 
