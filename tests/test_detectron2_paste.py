@@ -99,3 +99,48 @@ def test_store_pastes_with_the_recorded_convention(tiny_store_factory):
         keep = (inst["labels"] == match["label"]) & (inst["scores"] >= 0.5)
         ref = (grid_sample_paste(inst["boxes"][keep], inst["masks"][keep], s2.hw(i)) >= 0.5).any(axis=0)
         assert np.array_equal(s2.merged_mask(i, c, match["token_start"]), ref)
+
+
+def test_training_readers_paste_with_the_store_convention(tiny_store_factory):
+    from vlcache.stages.train.caption_data import CaptionBatches, CaptionTransform, store_info, train_tokens
+    from vlcache.stages.train.ica import region_labels
+    from vlcache.stages.train.match_data import MatchDataset, image_masks
+    from vlcache.stages.train.vocab import Vocab
+    from vlcache.storage.masks import region_inside_fraction
+
+    d2 = tiny_store_factory("d2train.zarr", n=6, block_size=3, extra_attrs=D2_ATTRS)
+    store = open_store(d2.url)
+    rows = store.rows()
+    info = store_info(d2.url)
+    assert info["mask_paste"] == "detectron2"
+    vocab = Vocab.build(train_tokens(d2.url, rows), 1)
+    # captioning: each ICA target's coverage is the word's merged mask, pasted the detectron2 way
+    tf = CaptionTransform(vocab, info["grid_size"], ica=True, mask_paste=info["mask_paste"], url=d2.url)
+    b = CaptionBatches(d2.url, tf, rows=rows)[list(rows)]
+    assert len(b["ica_sample"]) > 3
+    for j, (s, step) in enumerate(zip(b["ica_sample"].tolist(), b["ica_step"].tolist())):
+        row, c = int(b["rows"][b["img_index"][s]]), int(b["cap_index"][s])
+        want = store.merged_mask(row, c, step, size="grid").reshape(-1)
+        assert np.allclose(b["ica_coverage"][j].numpy(), want)
+    # matching: the dataset reads the convention, pastes each image's masks with it, and labels regions
+    # from the merged mask pasted the same way
+    ds = MatchDataset(d2.url, kind="scan", vocab=vocab, rows=rows)
+    assert ds.mask_paste == "detectron2"
+    raw = {k: (v.numpy() if torch.is_tensor(v) else v) for k, v in ds.main[list(rows)].items()}
+    for i, row in enumerate(rows):
+        binary, classes = image_masks(raw, i, 0.5, ds.mask_paste)
+        inst = store.instances(int(row))
+        keep = inst["scores"] >= 0.5
+        assert np.array_equal(binary, store.masks(int(row))[keep] >= 0.5)
+        assert np.array_equal(classes, inst["labels"][keep])
+    mb = ds[list(rows)]
+    assert mb["match_txt"].numel() > 3
+    for j in range(mb["match_txt"].numel()):
+        t = int(mb["match_txt"][j])
+        row, c = int(mb["rows"][mb["txt_img"][t]]), int(mb["caption"][t])
+        mask = store.merged_mask(row, c, int(mb["match_tok"][j][0]), score_threshold=0.5)
+        frac = np.zeros(mb["region_mask"].shape[1], np.float32)
+        reg = store.regions(row)
+        frac[:len(reg["boxes"])] = region_inside_fraction(reg["boxes"], mask)
+        want, _ = region_labels(torch.from_numpy(frac)[None], 0.5, mb["region_mask"][mb["txt_img"][t]])
+        assert torch.equal(mb["match_labels"][j], want[0])

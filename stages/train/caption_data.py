@@ -31,7 +31,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset
 
 from ...storage.backends import open_backend
 from ...storage.fingerprint import fingerprint
-from ...storage.masks import merged_grid_coverage
+from ...storage.masks import merged_grid_coverage, paste_convention
 from ...storage.streaming import BlockSampler, StoreBatchDataset, good_rows
 from .ica import ica_labels, matched_steps
 from .vocab import Vocab
@@ -75,7 +75,7 @@ def store_info(url, storage_options: dict | None = None) -> dict:
     root = attrs.get("image_root") or (dataset.get("image_root") if isinstance(dataset, dict) else None)
     cap = layout.capacities
     return {"grid_size": cap.grid_size, "grid_dim": cap.grid_dim, "block_size": layout.block_size,
-            "classes": list(attrs.get("classes") or []), "image_root": root,
+            "classes": list(attrs.get("classes") or []), "image_root": root, "mask_paste": paste_convention(attrs),
             "has_ica": all(g in layout.groups for g in ("instances", "matches"))}
 
 
@@ -156,6 +156,7 @@ class CaptionTransform:
     cover_threshold: float = 0.5
     mask_threshold: float = 0.5
     samples_per_cell: int = 8
+    mask_paste: str = "torchvision"  # the store's pasting convention (store_info's "mask_paste", METHODS §12)
     url: str = "store"
 
     def __call__(self, batch: dict) -> dict:
@@ -224,7 +225,8 @@ class CaptionTransform:
                     if keep.any():
                         cov = merged_grid_coverage(torch.from_numpy(boxes[b, :n][keep]),
                                                    torch.from_numpy(masks[b, :n][keep]), tuple(hw[b]),
-                                                   self.grid_size, self.mask_threshold, self.samples_per_cell)
+                                                   self.grid_size, self.mask_threshold, self.samples_per_cell,
+                                                   convention=self.mask_paste)
                         coverage_of[key] = cov.reshape(P)
                     else:
                         coverage_of[key] = torch.zeros(P)

@@ -175,7 +175,8 @@ def evaluate_caption(run_dir, split: str = "test", beam_size: int | None = None,
         rows = rows[: int(max_images)]
     transform = CaptionTransform(vocab, info["grid_size"], ica=info["has_ica"],
                                  score_threshold=float(config.get("ica_score_threshold", 0.5)),
-                                 cover_threshold=float(config.get("ica_cover_threshold", 0.5)), url=url)
+                                 cover_threshold=float(config.get("ica_cover_threshold", 0.5)),
+                                 mask_paste=info["mask_paste"], url=url)
     loader, _ = caption_loader(CaptionBatches(url, transform, rows=rows), batch_images or config.get("batch_images", 16),
                                shuffle=False, num_workers=0)
     items, attn = decode_split(model, loader, vocab, beam, max_len, dev, progress, attention=info["has_ica"])

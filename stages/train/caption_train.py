@@ -209,7 +209,7 @@ def train_caption(cfg: CaptionTrainConfig, run_dir, resume: bool = True, progres
 
     transform = CaptionTransform(vocab, info["grid_size"], ica=cfg.ica_weight > 0,
                                  score_threshold=cfg.ica_score_threshold, cover_threshold=cfg.ica_cover_threshold,
-                                 url=str(cfg.store))
+                                 mask_paste=info["mask_paste"], url=str(cfg.store))
     # The sampler's order depends on its lanes: a resumed run keeps the lanes it started with.
     lanes = int(last["lanes"]) if last is not None else max(1, cfg.num_workers)
     train_set = CaptionBatches(cfg.store, transform, split="train", cache_blocks=cfg.window_blocks)

@@ -37,7 +37,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset
 
 from ...storage.backends import open_backend
 from ...storage.errors import StoreError
-from ...storage.masks import paste_masks, region_inside_fraction
+from ...storage.masks import paste_convention, paste_masks, region_inside_fraction
 from ...storage.streaming import BlockSampler, StoreBatchDataset
 from .ica import region_labels
 from .text_encoders import char_span_to_token_mask
@@ -64,13 +64,15 @@ def caption_choice(rows: np.ndarray, counts: np.ndarray, epoch: int, seed: int) 
     return (x % np.asarray(counts, np.uint64)).astype(np.int64)
 
 
-def image_masks(inst: dict, i: int, score_threshold: float) -> tuple[np.ndarray, np.ndarray]:
+def image_masks(inst: dict, i: int, score_threshold: float,
+                convention: str = "torchvision") -> tuple[np.ndarray, np.ndarray]:
     """Binary full-resolution masks (k, H, W) and class ids (k,) of batch image ``i``'s instances with
-    score >= ``score_threshold`` (pixels with mask probability >= 0.5), pasted once per image."""
+    score >= ``score_threshold`` (pixels with mask probability >= 0.5), pasted once per image in the
+    store's ``convention`` (METHODS §12)."""
     n = int(inst["instances/count"][i])
     keep = inst["instances/scores"][i, :n] >= score_threshold
     hw = (int(inst["images/hw"][i][0]), int(inst["images/hw"][i][1]))
-    probs = paste_masks(inst["instances/boxes"][i, :n][keep], inst["instances/masks"][i, :n][keep], hw)
+    probs = paste_masks(inst["instances/boxes"][i, :n][keep], inst["instances/masks"][i, :n][keep], hw, convention)
     return probs >= 0.5, inst["instances/labels"][i, :n][keep]
 
 
@@ -117,7 +119,7 @@ def resolve_positions(batch: dict, kind: str) -> dict:
 
 def build_batch(b: dict, cache: dict | None, *, kind: str, epoch: int = 0, seed: int = 0, captions: str = "one",
                 vocab=None, score_threshold: float = 0.5, inside_threshold: float = 0.5,
-                url: str = "?") -> dict:
+                url: str = "?", mask_paste: str = "torchvision") -> dict:
     """Turn one store read ``b`` (and the row-aligned cache read) into a matching batch (module doc)."""
     feat_key = "grid/feats" if kind == "slan" else "regions/feats"
     feats = b[feat_key]  # kept as is: a worker's shared-memory tensor is sent without a copy
@@ -172,13 +174,14 @@ def build_batch(b: dict, cache: dict | None, *, kind: str, epoch: int = 0, seed:
             out["offsets"] = torch.from_numpy(cache["text/offsets"][txt_img, cap][:, :L].astype(np.int64))
     else:
         raise ValueError(f"model kind must be one of {KINDS}, got {kind!r}")
-    out.update(_matches(b, txt_img, cap, R, score_threshold, inside_threshold))
+    out.update(_matches(b, txt_img, cap, R, score_threshold, inside_threshold, mask_paste))
     if kind == "scan" or "offsets" in out:
         resolve_positions(out, kind)
     return out
 
 
-def _matches(b: dict, txt_img, cap, R: int, score_threshold: float, inside_threshold: float) -> dict:
+def _matches(b: dict, txt_img, cap, R: int, score_threshold: float, inside_threshold: float,
+             mask_paste: str) -> dict:
     P = len(txt_img)
     if "matches/count" not in b:
         empty = torch.zeros(0, dtype=torch.long)
@@ -199,7 +202,7 @@ def _matches(b: dict, txt_img, cap, R: int, score_threshold: float, inside_thres
             i = int(txt_img[p])
             if (i, c) not in memo:  # several captions of one image often name the same class
                 if i not in pasted:
-                    pasted[i] = image_masks(b, i, score_threshold)
+                    pasted[i] = image_masks(b, i, score_threshold, mask_paste)
                 memo[i, c] = merged_region_labels(*pasted[i], c, np.asarray(b["regions/boxes"][i]),
                                                   int(b["regions/count"][i]), inside_threshold)
             labels[j], has_ref[j] = memo[i, c]
@@ -223,6 +226,7 @@ class MatchDataset(Dataset):
             raise ValueError(f"model kind must be one of {KINDS}, got {kind!r}")
         with open_backend(str(store), "r", storage_options=storage_options) as be:
             groups = be.layout.groups
+            self.mask_paste = paste_convention(be.attrs())
         fields = list(IMAGE_FIELDS)
         if kind == "slan":  # SLAN pools its regions from the grid map: no region features needed
             if "grid" not in groups:
@@ -265,7 +269,7 @@ class MatchDataset(Dataset):
                 raise StoreError(f"text cache and store {self.url} disagree on image ids of rows {list(rows)[:5]}")
         return build_batch(b, c, kind=self.kind, epoch=epoch, seed=self.seed, captions=self.captions,
                            vocab=self.vocab, score_threshold=self.score_threshold,
-                           inside_threshold=self.inside_threshold, url=self.url)
+                           inside_threshold=self.inside_threshold, url=self.url, mask_paste=self.mask_paste)
 
 
 class EpochBatchSampler:
