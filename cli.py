@@ -23,7 +23,10 @@ from .stages.extract.config import ExtractConfig
 
 app = typer.Typer(
     help="vlcache: extract Mask R-CNN masks, region and grid features once into a checksummed store, "
-    "then train captioning and image-text matching models by streaming it.",
+    "then train captioning and image-text matching models by streaming it.\n\nExit codes: 0 done, 1 an error "
+    "(one line naming the input and the fix; --debug adds the traceback), 2 a usage error, 3 extraction finished "
+    "but some images failed (listed; --retry-errors redoes them), 130 interrupted by Ctrl-C (the message gives the "
+    "command that resumes).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -49,8 +52,6 @@ _state = {"debug": bool(os.environ.get("VLCACHE_DEBUG"))}
 
 @app.callback()
 def _options(debug: bool = typer.Option(False, "--debug", help="On an error, also print its traceback.")):
-    """Exit codes: 0 done, 1 an error (one line naming the input and the fix), 2 a usage error, 3 extraction
-    finished with bad images (listed), 130 interrupted (Ctrl-C; the message gives the command that resumes)."""
     _state["debug"] = _state["debug"] or debug
 
 
@@ -260,7 +261,10 @@ def inspect_cmd(
 _X = ExtractConfig()  # the defaults --help shows (a plain dataclass: no torch import)
 @_command(app, "extract")
 def extract_cmd(
-    dataset: Path = typer.Option(..., help="Karpathy JSON, COCO captions JSON or JSONL file."),
+    dataset: List[Path] = typer.Option(..., help="Karpathy JSON, COCO captions JSON or JSONL file. COCO captions "
+                                       "come one file per split: repeat --dataset for each, or give their folder "
+                                       "(captions_*.json); images of captions_X.json are looked up in "
+                                       "IMAGE_ROOT/X/ when it exists."),
     out: str = typer.Option(..., help="Store to create or resume (directory, .h5 file or URL)."),
     image_root: Optional[Path] = typer.Option(None, help="Image folder.", show_default="beside the dataset file"),
     instances: Optional[List[Path]] = typer.Option(
@@ -289,7 +293,10 @@ def extract_cmd(
     num_workers: Optional[int] = typer.Option(None, help="Image-decoding worker processes.",
                                               show_default=str(_X.runtime.num_workers)),
     device: Optional[str] = typer.Option(None, help="cpu | cuda | cuda:N.", show_default=_X.runtime.device),
-    strict: bool = typer.Option(False, "--strict", help="Stop at the first bad image."),
+    strict: bool = typer.Option(False, "--strict", help="Stop at the first bad image (default: record it in "
+                                "images/error, go on, exit 3 at the end)."),
+    retry_errors: bool = typer.Option(False, "--retry-errors", help="Also redo the rows whose image failed "
+                                      "(e.g. after fixing --image-root); the other rows stay as they are."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start over if the store has another config."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override any config key: key.sub=value "
                                              "(e.g. detector.min_size=480; every key: stages/extract/config.py)."),
@@ -300,7 +307,7 @@ def extract_cmd(
     Multi-GPU / multi-node: launch with torchrun; ranks own disjoint blocks.
     """
     from .pipeline.config import load_config
-    from .pipeline.datasets import load_dataset
+    from .pipeline.datasets import check_image_root, load_datasets, select_records
 
     _check_device(device)
     options = {
@@ -311,12 +318,15 @@ def extract_cmd(
     }
     cfg = load_config(ExtractConfig, config, options, set_)
     _check_device(cfg.runtime.device, "runtime.device")
-    data = load_dataset(dataset, image_root, instances=instances, check_images=False)
+    data = load_datasets(dataset, image_root, instances=instances, check_images=False)
+    check_image_root(data.image_root, select_records(data, cfg.split, cfg.limit)[: cfg.block_size])
 
     from .stages.extract.loop import extract  # imports torch: after the cheap checks
 
-    summary = extract(data, out, cfg, overwrite=overwrite, class_words=class_words)
+    summary = extract(data, out, cfg, overwrite=overwrite, class_words=class_words, retry_errors=retry_errors)
     typer.echo(summary.describe())
+    if summary.error_rows:
+        raise typer.Exit(EXIT_BAD_IMAGES)
 
 
 @_command(store_app, "text-cache")

@@ -219,6 +219,19 @@ class StoreWriter:
         """True once the store is finalized or every row of every rank is done."""
         return self.complete or self._packed_elsewhere() or bool(done_mask(self.backend).all())
 
+    def reopen(self) -> None:
+        """Make a complete Zarr store writable again (``complete`` False), so that rows can be redone
+        (``vlcache extract --retry-errors``); :meth:`finalize` marks it complete again, with a new fingerprint.
+        An HDF5 file is packed once and never rewritten in place."""
+        if not self.complete:
+            return
+        if self.kind != "zarr":
+            raise ReadOnlyStoreError(f"store {self.url} is a packed HDF5 file; redo rows in a Zarr copy "
+                                     f"(vlcache store copy {self.url} COPY.zarr), then copy it back")
+        self.backend.close()
+        self.backend = ZarrBackend(self.url, "r+", self.storage_options, force=True)
+        self.backend.update_attrs(complete=False)
+
     # ------------------------------------------------------------------ writing
     def write_block(self, block: int, arrays: dict[str, np.ndarray]) -> None:
         """Write every array of ``block`` (missing ones as padding), then its ``done`` flags last."""

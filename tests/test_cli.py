@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from conftest import make_tiny_store
 
 from vlcache.pipeline.synth import generate
 
+TQDM = re.compile(r"\|[^|]*\| *\d+/\d+ \[")
 PROBE = Path(__file__).parent / "helpers" / "cli_probe.py"
 HAS_NVIDIA_DRIVER = any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia/version"))
 
@@ -35,7 +37,7 @@ def run_cli(*args, cwd=None, timeout=300, env=None):
 def assert_one_line_error(code, err, *needles, exit_code=1):
     assert code == exit_code, err
     assert "Traceback" not in err, err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
+    lines = [ln for ln in err.splitlines() if ln.strip() and not TQDM.search(ln)]  # progress bars aside
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     for needle in needles:
         assert needle in lines[0], (needle, err)
@@ -136,3 +138,214 @@ def test_missing_weights_name_the_flag_of_the_model_that_needs_them(synth, tmp_p
     assert_one_line_error(code, err, "resnet101", "no internet: pass --backbone-weights PATH",
                           "or --weights none for random init of every model")
     assert not (tmp_path / "s.zarr").exists()
+
+
+# ------------------------------------------------------------------------ a wrong --image-root (#13.2)
+CHEAP = ["--detector", "annotations", "--weights", "none", "--num-workers", "0", "--batch-size", "2",
+         "--set", "features.input_size=64", "--set", "features.grid_size=2", "--set", "features.max_regions=4",
+         "--set", "features.min_regions=2", "--set", "block_size=2"]
+
+
+def test_wrong_image_root_fails_before_writing_anything(synth, tmp_path):
+    args = ["extract", "--dataset", synth / "dataset_synth.json", "--instances", synth / "instances.json",
+            "--out", tmp_path / "s.zarr", *CHEAP]
+    code, _, err, torch_ = run_cli(*args, "--image-root", tmp_path / "no-such-folder")
+    assert_one_line_error(code, err, f"image root {tmp_path / 'no-such-folder'} is not a folder", "--image-root DIR")
+    assert not torch_
+    (tmp_path / "empty").mkdir()
+    code, _, err, torch_ = run_cli(*args, "--image-root", tmp_path / "empty")
+    assert_one_line_error(code, err, "none of the first 2 images exist under the image root",
+                          str(tmp_path / "empty" / "images" / "synth_000000.png"), "wrong --image-root?")
+    assert not torch_ and sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+
+
+def test_failed_images_exit_3_and_retry_errors_redoes_only_them(synth, tmp_path):
+    import shutil
+
+    import numpy as np
+
+    from vlcache.pipeline.config import load_config
+    from vlcache.pipeline.datasets import load_dataset
+    from vlcache.stages.extract.config import ExtractConfig
+    from vlcache.stages.extract.loop import extract
+    from vlcache.storage.backends import open_backend
+    from vlcache.storage.store import open_store
+
+    # root "partial" lacks images 1 and 3 (of 4; blocks of 2, so each block keeps one good row)
+    partial = tmp_path / "partial"
+    shutil.copytree(synth / "images", partial / "images")
+    for k in (1, 3):
+        (partial / "images" / f"synth_{k:06d}.png").unlink()
+    url = tmp_path / "s.zarr"
+    args = ["extract", "--dataset", synth / "dataset_synth.json", "--instances", synth / "instances.json",
+            "--out", url, *CHEAP]
+    code, out, err, _ = run_cli(*args, "--image-root", partial)
+    assert code == 3, err
+    assert "2 bad image(s) recorded in images/error" in out and "rerun with --retry-errors" in out
+    for k in (1, 3):
+        assert f"{partial / 'images' / f'synth_{k:06d}.png'}: file not found" in out
+    with open_backend(str(url)) as b:
+        before = {p: np.asarray(b.read(p, slice(None))) for p in b.arrays()}
+        first_fingerprint = b.attr("fingerprint")
+    assert [bool(e) for e in before["images/error"]] == [False, True, False, True]
+
+    # a plain rerun keeps the error rows (and still exits 3); --retry-errors with the right root redoes them
+    code, out, err, _ = run_cli(*args, "--image-root", partial)
+    assert code == 3 and "extracted 0 images" in out, err
+    code, out, err, _ = run_cli(*args, "--image-root", synth, "--retry-errors")
+    assert code == 0 and "extracted 2 images" in out and "store complete: True" in out, err + out
+    store = open_store(str(url))
+    assert store.done.all() and (store.errors == "").all() and store.attrs["complete"]
+    assert store.attrs["image_root"] == str(synth.resolve()) and store.attrs["fingerprint"] != first_fingerprint
+    with open_backend(str(url)) as b:
+        after = {p: np.asarray(b.read(p, slice(None))) for p in b.arrays()}
+    for p, old in before.items():  # the good rows are written back as they were, byte for byte
+        np.testing.assert_array_equal(after[p][[0, 2]], old[[0, 2]], err_msg=p)
+    # and the retried store equals one extracted in one go from the right root (features up to float16
+    # rounding: a batch of 1 and a batch of 2 give ResNet outputs that differ in the last bits on CPU)
+    sets = [a.split("=", 1)[0] + "=" + a.split("=", 1)[1] for a in CHEAP[CHEAP.index("--set"):] if a != "--set"]
+    cfg = load_config(ExtractConfig, overrides=sets + ["detector.backend=annotations", "features.weights=none",
+                                                        "detector.weights=none", "runtime.num_workers=0",
+                                                        "runtime.batch_size=2"])
+    ds = load_dataset(synth / "dataset_synth.json", synth, instances=synth / "instances.json")
+    extract(ds, str(tmp_path / "straight.zarr"), cfg, progress=False)
+    with open_backend(str(tmp_path / "straight.zarr")) as b:
+        for p, got in after.items():
+            want = np.asarray(b.read(p, slice(None)))
+            if got.dtype == np.float16:
+                np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), atol=1e-4, err_msg=p)
+            else:
+                np.testing.assert_array_equal(got, want, err_msg=p)
+
+
+# ------------------------------------------------------------------------------------ Ctrl-C (#13.5)
+def test_ctrl_c_stops_promptly_says_where_and_how_to_resume(tmp_path):
+    import shlex
+    import signal
+    import time
+
+    import numpy as np
+
+    from vlcache.storage.backends import open_backend
+    from vlcache.storage.store import open_store
+
+    generate(tmp_path / "synth", n_images=12, seed=1, size=(48, 48))
+    url = tmp_path / "s.zarr"
+    args = ["extract", "--dataset", tmp_path / "synth" / "dataset_synth.json", "--instances",
+            tmp_path / "synth" / "instances.json", "--out", url, *CHEAP[:CHEAP.index("--num-workers")],
+            "--num-workers", "1", "--batch-size", "1", *CHEAP[CHEAP.index("--set"):]]
+    # a terminal's Ctrl-C signals the whole foreground process group: the CLI and its decode worker
+    proc = subprocess.Popen([sys.executable, str(PROBE), *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with open_backend(str(url)) as b:
+                if np.asarray(b.read("images/done", slice(None))).sum() >= 2:
+                    break
+        except Exception:  # not created yet, or being created
+            pass
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.communicate()
+    os.killpg(proc.pid, signal.SIGINT)
+    t = time.monotonic()
+    out, err = proc.communicate(timeout=120)
+    seconds = time.monotonic() - t
+    assert proc.returncode == 130, err
+    assert seconds < 10, f"took {seconds:.1f}s to stop"
+    assert "Traceback" not in err, err
+    last = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("torch imported")][-1]
+    assert last.startswith("interrupted: ") and f"of 12 rows of {url} are done" in last, last
+    done = int(last.split("interrupted: ")[1].split(" ")[0])
+    assert 2 <= done < 12 and done % 2 == 0  # whole blocks only
+    resume = last.split("rerun the same command to resume: ")[1]
+    argv = shlex.split(resume)
+    assert argv[0] == "vlcache" and argv[1:] == [str(a) for a in args]
+    code, out, err, _ = run_cli(*argv[1:])
+    assert code == 0 and f"extracted {12 - done} images" in out, err
+    assert open_store(str(url)).attrs["complete"] is True
+
+
+# --------------------------------------------------- COCO captions: one file per split (#13.7)
+def _coco_layout(tmp_path: Path) -> Path:
+    """COCO's own layout from the synthetic set: annotations/captions_{train,val}2017.json, train2017/ and
+    val2017/ image folders, annotations/instances.json; image 1 is stored rotated (as an EXIF-rotated
+    photo decodes), so its decoded size differs from the size its annotations are for."""
+    from PIL import Image
+
+    src = tmp_path / "synth"
+    generate(src, n_images=6, seed=2, size=(40, 56))
+    karpathy = json.loads((src / "dataset_synth.json").read_text())
+    root = tmp_path / "coco"
+    (root / "annotations").mkdir(parents=True)
+    for split in ("train", "val"):
+        images, anns = [], []
+        (root / f"{split}2017").mkdir()
+        for img in karpathy["images"]:
+            if img["split"] != split:
+                continue
+            pic = Image.open(src / img["filepath"] / img["filename"])
+            if img["cocoid"] == 1:
+                pic = pic.transpose(Image.Transpose.ROTATE_90)
+            pic.save(root / f"{split}2017" / img["filename"])
+            images.append({"id": img["cocoid"], "file_name": img["filename"], "height": 40, "width": 56})
+            anns += [{"id": len(anns), "image_id": img["cocoid"], "caption": s["raw"]} for s in img["sentences"]]
+        (root / "annotations" / f"captions_{split}2017.json").write_text(
+            json.dumps({"images": images, "annotations": anns}))
+    (root / "annotations" / "instances.json").write_text((src / "instances.json").read_text())
+    return root
+
+
+def test_coco_captions_folder_one_store_and_a_size_mismatch_is_one_images_error(tmp_path):
+    from vlcache.storage.backends import open_backend
+    from vlcache.storage.schema import SPLITS
+    from vlcache.storage.store import open_store
+
+    root = _coco_layout(tmp_path)
+    splits = {img["split"] for img in json.loads((tmp_path / "synth" / "dataset_synth.json").read_text())["images"]}
+    assert {"train", "val"} <= splits
+    url = tmp_path / "coco.zarr"
+    code, out, err, _ = run_cli("extract", "--dataset", root / "annotations", "--image-root", root,
+                                "--instances", root / "annotations" / "instances.json", "--out", url, *CHEAP)
+    assert code == 3, err + out  # finished; image 1 failed and is listed
+    assert "1 bad image(s) recorded in images/error" in out
+    assert "image 1 (train2017/synth_000001.png): annotations are for 56x40 but the decoded image is 40x56" in out
+    store = open_store(str(url))
+    assert store.attrs["complete"] and store.attrs["dataset"] == "coco"
+    assert [s["path"].rsplit("/", 1)[1] for s in store.attrs["sources"]][:2] == [
+        "captions_train2017.json", "captions_val2017.json"]
+    with open_backend(str(url)) as b:  # train rows first, then val rows, in file order
+        splits = [SPLITS[int(c)] for c in b.read("images/split", slice(None))]
+    assert splits == sorted(splits, key=["train", "val"].index) and set(splits) == {"train", "val"}
+    errors = {str(store.ids[i]): e for i, e in enumerate(store.errors)}
+    assert "annotations are for 56x40" in errors["1"] and all(e == "" for k, e in errors.items() if k != "1")
+    assert store.captions(int(store.rows()[0]))[0]  # captions came along
+
+    # the same files given one by one make the same rows; --strict stops at the mismatch, naming it
+    code, out, err, _ = run_cli("extract", "--dataset", root / "annotations" / "captions_train2017.json",
+                                "--dataset", root / "annotations" / "captions_val2017.json", "--image-root", root,
+                                "--instances", root / "annotations" / "instances.json", "--out",
+                                tmp_path / "strict.zarr", "--strict", *CHEAP)
+    assert_one_line_error(code, err, "bad image", "synth_000001.png", "annotations are for 56x40", "--strict")
+
+
+def test_training_without_a_val_split_fails_before_making_the_run(tmp_path):
+    from vlcache.pipeline.config import load_config
+    from vlcache.pipeline.datasets import load_datasets
+    from vlcache.stages.extract.config import ExtractConfig
+    from vlcache.stages.extract.loop import extract
+
+    root = _coco_layout(tmp_path)
+    # a store from the train captions file alone (what one COCO captions file gives): no val split
+    ds = load_datasets([root / "annotations" / "captions_train2017.json"], root / "train2017",
+                       instances=root / "annotations" / "instances.json")
+    cfg = load_config(ExtractConfig, overrides=["detector.backend=annotations", "features.weights=none",
+                                                "features.input_size=64", "features.grid_size=2", "block_size=2",
+                                                "features.max_regions=4", "features.min_regions=2",
+                                                "runtime.num_workers=0"])
+    extract(ds, str(tmp_path / "train-only.zarr"), cfg, progress=False)
+    run = tmp_path / "runs" / "sat"
+    code, _, err, _ = run_cli("train", "caption", "--store", tmp_path / "train-only.zarr", "--run", run,
+                              "--epochs", "1", "--device", "cpu", "--set", "ica_weight=0")
+    assert_one_line_error(code, err, "has no extracted rows in split 'val'", "--dataset captions_val2014.json")
+    assert not run.exists() and not run.parent.exists()

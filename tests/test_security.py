@@ -323,7 +323,7 @@ def test_hostile_dataset_cannot_read_or_write_outside_its_roots(tmp_path):
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     codes = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert codes == [1, 0], proc.stdout + proc.stderr[-3000:]
+    assert codes == [1, 3], proc.stdout + proc.stderr[-3000:]  # 3: finished, with failed images (#13.2)
     refused, ran = _audit(tmp_path / "audit.log")
 
     # 1. escaping paths: refused while reading the dataset file, naming it and the entry; nothing touched

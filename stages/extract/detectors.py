@@ -50,6 +50,11 @@ class DetectorError(ValueError):
     """Bad detector configuration, weights or input; the message names what is wrong."""
 
 
+class ImageDataError(DetectorError):
+    """One image's own data is wrong (e.g. its annotations are for another size): extraction records it for
+    that image and goes on, unless --strict."""
+
+
 @dataclass
 class Detections:
     """One image's detections; every array is numpy on the CPU.

@@ -19,6 +19,7 @@ from .detectors import (
     NO_INTERNET,
     Detections,
     DetectorError,
+    ImageDataError,
     _autocast,
     grid_boxes,
     sha256_file,
@@ -295,7 +296,7 @@ class AnnotationsDetector:
         if record.annotations is None:
             raise DetectorError(f"{where}: no instance annotations in this dataset")
         if record.height is not None and (record.height, record.width) != (height, width):
-            raise DetectorError(f"{where}: annotations are for {record.width}x{record.height} but the decoded "
+            raise ImageDataError(f"{where}: annotations are for {record.width}x{record.height} but the decoded "
                                 f"image is {width}x{height} (EXIF orientation, or the wrong file?)")
         items = []
         for k, ann in enumerate(record.annotations):
@@ -328,11 +329,11 @@ class AnnotationsDetector:
             x, y, bw, bh = (float(v) for v in ann["bbox"])
             label = int(ann["category_id"])
         except (KeyError, TypeError, ValueError) as e:
-            raise DetectorError(f"{where}: needs bbox [x, y, w, h] and category_id ({type(e).__name__}: {e})") from None
+            raise ImageDataError(f"{where}: needs bbox [x, y, w, h] and category_id ({type(e).__name__}: {e})") from None
         if not 0 <= label < len(self.class_names):
             raise DetectorError(f"{where}: category_id {label} is not an index into {len(self.class_names)} classes")
         if not np.isfinite([x, y, bw, bh]).all() or bw < 0 or bh < 0:
-            raise DetectorError(f"{where}: invalid bbox {ann['bbox']}")
+            raise ImageDataError(f"{where}: invalid bbox {ann['bbox']}")
         box = np.array([x, y, x + bw, y + bh], np.float32)
         box[0::2], box[1::2] = box[0::2].clip(0, w), box[1::2].clip(0, h)
         if box[2] <= box[0] or box[3] <= box[1]:
@@ -362,4 +363,4 @@ class AnnotationsDetector:
                 raise ValueError(f"RLE size {list(rle['size'])} differs from the image's {[h, w]}")
             return cocomask.decode(rle)
         except Exception as e:
-            raise DetectorError(f"{where}: bad segmentation ({type(e).__name__}: {e})") from None
+            raise ImageDataError(f"{where}: bad segmentation ({type(e).__name__}: {e})") from None

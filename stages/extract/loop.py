@@ -10,21 +10,25 @@ from __future__ import annotations
 
 import os
 import queue
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ...pipeline import datasets
 from ...pipeline.config import ConfigError, to_dict
 from ...pipeline.records import Dataset, ImageRecord
 from ...storage.provenance import base_attrs
-from ...storage.schema import Capacities, Layout, split_code
-from ...storage.writer import StoreWriter
+from ...storage.schema import Capacities, Layout
+from ...storage.writer import StoreWriter, done_mask
 from .config import ExtractConfig
+from .detectors import ImageDataError
 from .images import BadImageError, load_image
 from .models import build_models
 from .rows import RowBuilder
@@ -39,6 +43,7 @@ class ExtractSummary:
     seconds: float
     bad_images: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     complete: bool = False
+    error_rows: int = 0  # rows of the store (done) whose image failed, from this run or an earlier one
     setup_seconds: float = 0.0  # building models and opening/creating the store, before the first image
     # seconds by part of the loop: main thread waiting for decoded images (decode_wait), in the models
     # (detector, backbone, post), building rows (rows), waiting for the writer (write_wait); the writer
@@ -65,6 +70,9 @@ class ExtractSummary:
             lines += [f"  {p}: {r}" for p, r in self.bad_images[:20]]
             if len(self.bad_images) > 20:
                 lines.append(f"  ... and {len(self.bad_images) - 20} more (vlcache store info lists them)")
+        if self.error_rows:
+            lines.append(f"{self.error_rows} row(s) of the store hold a failed image (images/error): fix the images "
+                         "(or --image-root) and rerun with --retry-errors to redo only those rows")
         return "\n".join(lines)
 
 
@@ -73,15 +81,7 @@ class StrictModeError(RuntimeError):
 
 
 def select_records(dataset: Dataset, cfg: ExtractConfig) -> list[ImageRecord]:
-    records = dataset.records
-    if cfg.split is not None:
-        split_code(cfg.split)  # validates the name
-        records = [r for r in records if r.split == cfg.split]
-    if cfg.limit is not None:
-        records = records[: cfg.limit]
-    if not records:
-        raise ValueError(f"no images selected from {dataset.name} (split={cfg.split}, limit={cfg.limit})")
-    return records
+    return datasets.select_records(dataset, cfg.split, cfg.limit)
 
 
 def content_config(cfg: ExtractConfig) -> dict:
@@ -137,8 +137,14 @@ def dist_rank() -> tuple[int, int]:
 
 def extract(dataset: Dataset, url: str, cfg: ExtractConfig, *, overwrite: bool = False,
             rank: int | None = None, world_size: int | None = None, progress: bool = True,
-            class_words: str | Path | None = None) -> ExtractSummary:
-    """Run stage one over ``dataset`` into the store at ``url`` (created, or resumed)."""
+            class_words: str | Path | None = None, retry_errors: bool = False) -> ExtractSummary:
+    """Run stage one over ``dataset`` into the store at ``url`` (created, or resumed).
+
+    ``retry_errors``: also redo the done rows whose image failed (``images/error``), e.g. after fixing the
+    image root; the other rows of their blocks are written back unchanged. A complete Zarr store is reopened
+    for it and finalized again (new fingerprint). Ctrl-C stops after the blocks already handed to the writer
+    and raises ``KeyboardInterrupt`` saying how many rows are done.
+    """
     if rank is None or world_size is None:
         rank, world_size = dist_rank()
     if overwrite and world_size > 1:  # rank 0 would delete the store while the others open or write it
@@ -146,6 +152,7 @@ def extract(dataset: Dataset, url: str, cfg: ExtractConfig, *, overwrite: bool =
                           "ranks without --overwrite (they create it afresh)")
     start = time.perf_counter()
     records = select_records(dataset, cfg)
+    datasets.check_image_root(dataset.image_root, records[: cfg.block_size])  # before building or writing
     models = build_models(cfg, dataset, class_words=class_words)
     layout = extraction_layout(records, cfg, models.dims)
     attrs = base_attrs(
@@ -159,8 +166,15 @@ def extract(dataset: Dataset, url: str, cfg: ExtractConfig, *, overwrite: bool =
     attrs["models"] = models.describe()
     writer = StoreWriter(url, layout, attrs, rank=rank, world_size=world_size, overwrite=overwrite)
     pending = writer.pending_blocks()
-    rows = [r for b in pending for r in layout.block_rows(b)]
     builder = RowBuilder(layout, records, models.matcher)
+    retry = _failed_rows(writer, rank, world_size, pending) if retry_errors else {}
+    if retry:
+        datasets.check_image_root(dataset.image_root, [records[r] for r in retry[min(retry)]])
+        writer.reopen()
+        writer.backend.update_attrs(image_root=str(Path(dataset.image_root).resolve()))
+        for block, redo in retry.items():
+            builder.keep(block, {p: writer.backend.read_block(p, block) for p in builder.specs}, redo)
+    rows = sorted([r for b in pending for r in layout.block_rows(b)] + [r for redo in retry.values() for r in redo])
     summary = ExtractSummary(url=str(url), rows=layout.num_rows, blocks_written=0, images_done=0, seconds=0.0)
 
     write_queue: queue.Queue = queue.Queue(maxsize=2)
@@ -182,6 +196,13 @@ def extract(dataset: Dataset, url: str, cfg: ExtractConfig, *, overwrite: bool =
                 write_error.append(e)
                 return
 
+    def record_bad(row: int, reason: str) -> None:
+        path = str(Path(dataset.image_root) / records[row].path)
+        if cfg.runtime.strict:
+            raise StrictModeError(f"bad image {path}: {reason} (--strict stops at the first one)")
+        summary.bad_images.append((path, reason))
+        builder.add_error(row, reason)
+
     thread = threading.Thread(target=write_loop, name="vlcache-writer", daemon=True)
     thread.start()
     summary.setup_seconds = time.perf_counter() - start
@@ -194,6 +215,7 @@ def extract(dataset: Dataset, url: str, cfg: ExtractConfig, *, overwrite: bool =
     )
     bar = tqdm(total=len(rows), desc=f"extract r{rank}/{world_size}", unit="img", disable=not progress,
                dynamic_ncols=True)
+    interrupted = False
     try:
         t_prev = time.perf_counter()
         for batch in loader:
@@ -204,25 +226,30 @@ def extract(dataset: Dataset, url: str, cfg: ExtractConfig, *, overwrite: bool =
             good = [(row, img) for row, img, err in batch if img is not None]
             for row, img, err in batch:
                 if img is None:
-                    path = str(Path(dataset.image_root) / records[row].path)
-                    if cfg.runtime.strict:
-                        raise StrictModeError(f"bad image {path}: {err} (--strict stops at the first one)")
-                    summary.bad_images.append((path, err))
-                    builder.add_error(row, err)
+                    record_bad(row, err)
+            failed: dict[int, str] = {}
             if good:
-                outputs = models.run([img for _, img in good], [records[row] for row, _ in good])
+                outputs, failed = _run_isolating(models, [img for _, img in good], [records[row] for row, _ in good])
                 t_rows = time.perf_counter()
-                for (row, img), out in zip(good, outputs):
-                    builder.add(row, img.shape[:2], out)
+                for k, ((row, img), out) in enumerate(zip(good, outputs)):
+                    if out is not None:
+                        builder.add(row, img.shape[:2], out)
+                    else:
+                        record_bad(row, failed[k])
                 timings["rows"] += time.perf_counter() - t_rows
             t_put = time.perf_counter()
             for block, arrays in builder.pop_finished_blocks():
                 _put(write_queue, (block, arrays), write_error)
             timings["write_wait"] += time.perf_counter() - t_put
-            summary.images_done += len(good)
+            summary.images_done += len(good) - len(failed)
             bar.update(len(batch))
             t_prev = time.perf_counter()
         timings["decode_wait"] += time.perf_counter() - t_prev  # the end of the epoch: workers shut down
+    except KeyboardInterrupt:
+        interrupted = True  # Ctrl-C: the blocks already queued are whole; write them, then say where we are
+        if write_queue.qsize():
+            print(f"\nCtrl-C: writing the {write_queue.qsize()} finished block(s) already queued, then stopping "
+                  "(Ctrl-C again stops at once; those blocks are redone on resume)", file=sys.stderr, flush=True)
     finally:
         bar.close()
         t_drain = time.perf_counter()
@@ -230,13 +257,36 @@ def extract(dataset: Dataset, url: str, cfg: ExtractConfig, *, overwrite: bool =
         timings["write_wait"] += time.perf_counter() - t_drain
     if write_error:
         raise write_error[0]
+    if interrupted:
+        done = int(done_mask(writer.backend).sum())
+        writer.close()
+        raise KeyboardInterrupt(f"interrupted: {done} of {layout.num_rows} rows of {url} are done")
     t_fin = time.perf_counter()
     summary.complete = writer.finalize()
+    summary.error_rows = _count_failed(writer)
     writer.close()
     timings["finalize"] = time.perf_counter() - t_fin
     summary.timings = {**timings, **models.seconds}
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _run_isolating(models, images: list, records: list) -> tuple[list, dict[int, str]]:
+    """``models.run`` on a batch; when one image's own data is wrong (:class:`ImageDataError`, e.g. annotations
+    for another size), rerun image by image so only that image fails. Returns the outputs (None where an
+    image failed) and {batch index: reason}."""
+    try:
+        return models.run(images, records), {}
+    except ImageDataError:
+        pass
+    outputs, failed = [], {}
+    for k, (img, rec) in enumerate(zip(images, records)):
+        try:
+            outputs.append(models.run([img], [rec])[0])
+        except ImageDataError as e:
+            outputs.append(None)
+            failed[k] = str(e)
+    return outputs, failed
 
 
 def _put(q: queue.Queue, item, errors: list) -> None:
@@ -259,6 +309,25 @@ def _stop_writer(q: queue.Queue, thread: threading.Thread) -> None:
         except queue.Full:
             continue
     thread.join()
+
+
+def _failed_rows(writer: StoreWriter, rank: int, world_size: int, pending: list[int]) -> dict[int, list[int]]:
+    """Done rows whose image failed, by block, in the finished blocks this rank owns."""
+    errors = np.asarray(writer.backend.read("images/error", slice(None)), dtype=object)
+    done = done_mask(writer.backend)
+    out = {}
+    for block in writer.layout.blocks_of_rank(rank, world_size):
+        if block in pending:
+            continue
+        redo = [r for r in writer.layout.block_rows(block) if done[r] and errors[r]]
+        if redo:
+            out[block] = redo
+    return out
+
+
+def _count_failed(writer: StoreWriter) -> int:
+    errors = np.asarray(writer.backend.read("images/error", slice(None)), dtype=object)
+    return int(sum(1 for e, d in zip(errors, done_mask(writer.backend)) if d and e))
 
 
 def _split_counts(records: list[ImageRecord]) -> dict[str, int]:

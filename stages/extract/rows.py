@@ -43,6 +43,16 @@ class RowBuilder:
             }
         return self._open[block], offset
 
+    def keep(self, block: int, stored: dict[str, np.ndarray], redo: list[int]) -> None:
+        """Start ``block`` from its ``stored`` arrays: only the rows in ``redo`` are computed again (they
+        start as padding); every other row is written back exactly as it was."""
+        rows = self.layout.block_rows(block)
+        arrays = {p: np.array(stored[p]) for p in self.specs}
+        for row in redo:
+            for p, spec in self.specs.items():
+                arrays[p][row - rows.start] = spec.empty_rows(1)[0]
+        self._open[block] = {"left": set(redo), "arrays": arrays}
+
     def _common(self, row: int, hw: tuple[int, int] | None, error: str) -> tuple[dict, int]:
         slot, k = self._slot(row)
         a, rec = slot["arrays"], self.records[row]

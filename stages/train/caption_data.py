@@ -87,7 +87,9 @@ def split_rows(url, split: str | None, storage_options: dict | None = None) -> n
     finally:
         backend.close()
     if rows.size == 0:
-        raise ValueError(f"store {url} has no extracted rows in split {split!r}")
+        raise ValueError(f"store {url} has no extracted rows in split {split!r}; extract a dataset that has one "
+                         "(COCO captions come one file per split: pass each, e.g. --dataset captions_train2014.json "
+                         "--dataset captions_val2014.json, or their folder)")
     return rows
 
 

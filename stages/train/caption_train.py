@@ -192,6 +192,7 @@ def train_caption(cfg: CaptionTrainConfig, run_dir, resume: bool = True, progres
     if run.exists():
         _check_resume(run, cfg, fingerprint)
     if main:
+        split_rows(cfg.store, "val")  # validation needs a val split: checked before the run directory exists
         run.create()
     D.barrier()
     vocab = _load_vocab(run, cfg, main)
