@@ -16,8 +16,8 @@ import traceback
 from pathlib import Path
 from typing import List, Optional
 
-import click
 import typer
+from typer.exceptions import TyperException
 
 from .stages.extract.config import ExtractConfig
 
@@ -83,7 +83,7 @@ def _guarded(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (typer.Exit, typer.Abort, click.ClickException):
+        except (typer.Exit, typer.Abort, TyperException):  # usage errors: typer's own message, exit 2
             raise
         except KeyboardInterrupt as e:
             where = str(e) if str(e) else "interrupted"
@@ -175,8 +175,9 @@ def store_import(
     source: str = typer.Argument(..., help="BUTD TSV file/dir/glob, directory of .npz, or SCAN *_ims.npy."),
     out: str = typer.Argument(..., help="Store to create."),
     fmt: str = typer.Option("auto", "--format", help="auto | tsv | npz | scan."),
-    ids_file: Optional[Path] = typer.Option(None, help="SCAN: the *_ids.txt beside *_ims.npy."),
-    image_root: Optional[Path] = typer.Option(None, help="Image folder (default: beside the dataset file)."),
+    ids_file: Optional[Path] = typer.Option(None, help="SCAN: the *_ids.txt beside *_ims.npy.",
+                                            show_default="none"),
+    image_root: Optional[Path] = typer.Option(None, help="Image folder.", show_default="beside the dataset file"),
     regions: int = typer.Option(36, help="Region capacity per image (more are truncated, counted)."),
     block_size: int = typer.Option(64, help="Rows per block (chunk)."),
     match: bool = typer.Option(True, "--match/--no-match", help="Also match COCO class words in captions."),
@@ -298,7 +299,7 @@ def extract_cmd(
     retry_errors: bool = typer.Option(False, "--retry-errors", help="Also redo the rows whose image failed "
                                       "(e.g. after fixing --image-root); the other rows stay as they are."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start over if the store has another config."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override any config key: key.sub=value "
+    set_: Optional[List[str]] = typer.Option(None, "--set", show_default="none", help="Override any config key: key.sub=value "
                                              "(e.g. detector.min_size=480; every key: stages/extract/config.py)."),
 ):
     """Stage one: detector masks, bottom-up regions, grid features and class-word matches into a store.
@@ -341,6 +342,7 @@ def store_text_cache(
 ):
     """Precompute the frozen BERT's token outputs for every caption once (MMCA/SLAN train from it)."""
     _check_device(device)
+    _check_store(store)
     from .stages.train.text_cache import build_text_cache
 
     res = build_text_cache(store, out, bert=bert, max_len=max_len, device=device, overwrite=overwrite,
@@ -362,11 +364,12 @@ def train_caption_cmd(
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N.", show_default="auto"),
     num_workers: Optional[int] = typer.Option(None, help="Data-loading worker processes.", show_default="2"),
     allow_partial: bool = typer.Option(False, "--allow-partial", help=ALLOW_PARTIAL_HELP),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP + " Every key: vlcache/stages/train/"
+    set_: Optional[List[str]] = typer.Option(None, "--set", show_default="none", help=SET_HELP + " Every key: vlcache/stages/train/"
                                              "caption_train.py (CaptionTrainConfig)."),
 ):
     """Show-Attend-Tell (+ ICA loss) on the store's grid features; resumes from RUN if it exists."""
     _check_device(device)
+    _check_store(store)
     from .pipeline.config import load_config
     from .stages.train.caption_train import CaptionTrainConfig, train_caption
 
@@ -403,7 +406,7 @@ def experiment_ica_cmd(
     name: str = typer.Option("ica", help="Runs go to RUNS_ROOT/NAME/."),
     runs_root: Path = typer.Option(Path("runs"), help="Folder of run directories."),
     config: Optional[Path] = typer.Option(None, help=CONFIG_HELP, show_default="none"),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    set_: Optional[List[str]] = typer.Option(None, "--set", show_default="none", help=SET_HELP),
 ):
     """Baseline vs +ICA captioning with the same seeds; table of mean ± std (seed 000, Table 1)."""
     from .stages.train.experiment import run_ica_experiment
@@ -428,11 +431,12 @@ def train_match_cmd(
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N.", show_default="auto"),
     allow_partial: bool = typer.Option(False, "--allow-partial", help=ALLOW_PARTIAL_HELP),
     config: Optional[Path] = typer.Option(None, help=CONFIG_HELP, show_default="none"),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP + " Every key: vlcache/stages/train/"
+    set_: Optional[List[str]] = typer.Option(None, "--set", show_default="none", help=SET_HELP + " Every key: vlcache/stages/train/"
                                              "match_train.py (MatchTrainConfig)."),
 ):
     """Image-text matching (SCAN, MMCA, SLAN) with optional CCR/CCS/ICA attention terms."""
     _check_device(device)
+    _check_store(store)
     from .pipeline.config import load_config
     from .stages.train.match_train import MatchTrainConfig, train_match
 
@@ -465,14 +469,14 @@ def evaluate_match_cmd(
 
 @_command(experiment_app, "match")
 def experiment_match_cmd(
-    store: str = typer.Option(...),
-    model: str = typer.Option("scan"),
-    seeds: int = typer.Option(3),
-    name: Optional[str] = typer.Option(None),
-    runs_root: Path = typer.Option(Path("runs")),
-    weight: Optional[float] = typer.Option(None, help="Weight of each constraint (default 1.0)."),
-    config: Optional[Path] = typer.Option(None, help=CONFIG_HELP),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    store: str = typer.Option(..., help="Store URL or path."),
+    model: str = typer.Option("scan", help="scan | mmca | slan."),
+    seeds: int = typer.Option(3, help="Seeds 0..N-1, each trained for every variant."),
+    name: Optional[str] = typer.Option(None, help="Runs go to RUNS_ROOT/NAME/.", show_default="MODEL-ablation"),
+    runs_root: Path = typer.Option(Path("runs"), help="Folder of run directories."),
+    weight: Optional[float] = typer.Option(None, help="Weight of each constraint.", show_default="1.0"),
+    config: Optional[Path] = typer.Option(None, help=CONFIG_HELP, show_default="none"),
+    set_: Optional[List[str]] = typer.Option(None, "--set", show_default="none", help=SET_HELP),
 ):
     """Baseline, +CCR, +CCS, +CCR+CCS, +ICA with the same seeds; table of R@K and attention metrics."""
     from .stages.train.match_eval import run_match_ablation
@@ -485,12 +489,13 @@ def experiment_match_cmd(
 @_command(experiment_app, "slan")
 def experiment_slan_cmd(
     store: str = typer.Option(..., help="Store with grid features (G >= 7) and region boxes."),
-    text_cache: Optional[str] = typer.Option(None, help="Text cache store (vlcache store text-cache)."),
-    seeds: int = typer.Option(3),
-    name: str = typer.Option("slan-ablation"),
-    runs_root: Path = typer.Option(Path("runs")),
-    config: Optional[Path] = typer.Option(None, help=CONFIG_HELP),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    text_cache: Optional[str] = typer.Option(None, help="Text cache store (vlcache store text-cache).",
+                                             show_default="BERT runs online"),
+    seeds: int = typer.Option(3, help="Seeds 0..N-1, each trained for every variant."),
+    name: str = typer.Option("slan-ablation", help="Runs go to RUNS_ROOT/NAME/."),
+    runs_root: Path = typer.Option(Path("runs"), help="Folder of run directories."),
+    config: Optional[Path] = typer.Option(None, help=CONFIG_HELP, show_default="none"),
+    set_: Optional[List[str]] = typer.Option(None, "--set", show_default="none", help=SET_HELP),
 ):
     """SLAN: frozen boxes vs 1, 2, 3 adaptor levels, and the filter threshold on/off (seed 003, Tables 5-6)."""
     from .stages.train.slan_train import run_slan_ablation
@@ -504,20 +509,26 @@ def experiment_slan_cmd(
 def train_detector_cmd(
     run: Path = typer.Option(..., help="Run directory (created, or resumed from its last checkpoint)."),
     instances: Optional[List[Path]] = typer.Option(None, help="COCO instances JSON (repeatable): training images, "
-                                                   "or all splits when --dataset names them."),
-    dataset: Optional[Path] = typer.Option(None, help="Karpathy/COCO-captions/JSONL file whose train/val splits to use."),
+                                                   "or all splits when --dataset names them.", show_default="none"),
+    dataset: Optional[Path] = typer.Option(None, help="Karpathy/COCO-captions/JSONL file whose train/val splits to use.",
+                                           show_default="none"),
     val_instances: Optional[List[Path]] = typer.Option(None, help="Without --dataset: COCO instances JSON of the "
-                                                       "validation images."),
-    image_root: Optional[Path] = typer.Option(None, help="Image folder (default: beside the dataset/instances file)."),
-    val_image_root: Optional[Path] = typer.Option(None, help="Validation image folder (default: --image-root)."),
-    backbone: Optional[str] = typer.Option(None, help="resnet18 | resnet34 | resnet50 | resnet101 (default resnet50)."),
-    weights: Optional[str] = typer.Option(None, help="Detector init: none | DEFAULT (torchvision COCO R50-FPN) | PATH."),
-    backbone_weights: Optional[str] = typer.Option(None, help="Backbone init: none | DEFAULT (ImageNet) | PATH."),
-    epochs: Optional[int] = typer.Option(None, help="Epochs (default 26, lr x0.1 at 16 and 22)."),
-    batch_size: Optional[int] = typer.Option(None, help="Images per step (default 2)."),
-    device: Optional[str] = typer.Option(None, help="cpu | cuda | cuda:N."),
-    config: Optional[Path] = typer.Option(None, help=CONFIG_HELP),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+                                                       "validation images.", show_default="none"),
+    image_root: Optional[Path] = typer.Option(None, help="Image folder.",
+                                              show_default="beside the dataset/instances file"),
+    val_image_root: Optional[Path] = typer.Option(None, help="Validation image folder.",
+                                                  show_default="--image-root"),
+    backbone: Optional[str] = typer.Option(None, help="resnet18 | resnet34 | resnet50 | resnet101.",
+                                          show_default="resnet50"),
+    weights: Optional[str] = typer.Option(None, help="Detector init: none | DEFAULT (torchvision COCO R50-FPN) | PATH.",
+                                          show_default="none"),
+    backbone_weights: Optional[str] = typer.Option(None, help="Backbone init: none | DEFAULT (ImageNet) | PATH.",
+                                                   show_default="none"),
+    epochs: Optional[int] = typer.Option(None, help="Epochs (lr x0.1 at 16 and 22).", show_default="26"),
+    batch_size: Optional[int] = typer.Option(None, help="Images per step.", show_default="2"),
+    device: Optional[str] = typer.Option(None, help="cpu | cuda | cuda:N.", show_default="cpu"),
+    config: Optional[Path] = typer.Option(None, help=CONFIG_HELP, show_default="none"),
+    set_: Optional[List[str]] = typer.Option(None, "--set", show_default="none", help=SET_HELP),
 ):
     """Train (or fine-tune) a torchvision Mask R-CNN on COCO-format instances; RUN/detector.pt loads in
     `vlcache extract --weights RUN/detector.pt`."""
@@ -540,8 +551,10 @@ def train_detector_cmd(
 @_command(evaluate_app, "detector")
 def evaluate_detector_cmd(
     run: Path = typer.Option(..., help="Run directory of `vlcache train detector`."),
-    checkpoint: Optional[Path] = typer.Option(None, help="Detector checkpoint (default RUN/detector.pt)."),
-    max_images: Optional[int] = typer.Option(None, help="Only the first N validation images."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Detector checkpoint.",
+                                              show_default="RUN/detector.pt"),
+    max_images: Optional[int] = typer.Option(None, help="Only the first N validation images.",
+                                             show_default="all"),
     device: str = typer.Option("cpu", help="cpu | cuda."),
 ):
     """COCO bbox and segm AP (pycocotools COCOeval) on the run's validation images."""
@@ -564,6 +577,12 @@ def demo_cmd(
     from .pipeline.demo import run_demo
 
     run_demo(out, n_images=images, device=device)
+
+
+def _check_store(url: Optional[str], flag: str = "--store") -> None:
+    """A local store that does not exist: one line before torch is imported (URLs are checked when opened)."""
+    if url and "://" not in url and not os.path.exists(url):
+        _fail(f"{flag} {url}: no such store (build one with vlcache extract --out {url})")
 
 
 def _check_run(run: Path, kind: str) -> None:

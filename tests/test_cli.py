@@ -67,6 +67,12 @@ def test_cheap_input_errors_are_one_line_before_torch(synth, tmp_path):
     assert_one_line_error(code, err, "unknown key(s) ['min_sise']")
     assert not torch_
 
+    # a store path with a typo, for training
+    code, _, err, torch_ = run_cli("train", "caption", "--store", tmp_path / "stores" / "synht.zarr", "--run",
+                                   tmp_path / "run")
+    assert_one_line_error(code, err, f"--store {tmp_path / 'stores' / 'synht.zarr'}: no such store", "vlcache extract")
+    assert not torch_ and not (tmp_path / "run").exists()
+
     # --debug shows the traceback of the same error
     code, _, err, _ = run_cli("--debug", "extract", "--dataset", bad, "--out", tmp_path / "s.zarr")
     assert code == 1 and "Traceback" in err and err.rstrip().splitlines()[-1].startswith("error: ")
@@ -349,3 +355,58 @@ def test_training_without_a_val_split_fails_before_making_the_run(tmp_path):
                               "--epochs", "1", "--device", "cpu", "--set", "ica_weight=0")
     assert_one_line_error(code, err, "has no extracted rows in split 'val'", "--dataset captions_val2014.json")
     assert not run.exists() and not run.parent.exists()
+
+
+# ------------------------------------------------------------------------------- --help (#13.10)
+def _commands(group, prefix=()):
+    for name, cmd in group.commands.items():
+        if hasattr(cmd, "commands"):  # a group (typer ships its own click: no isinstance checks)
+            yield from _commands(cmd, prefix + (name,))
+        else:
+            yield prefix + (name,), cmd
+
+
+def _shown_default(opt) -> str | None:
+    """What ``--help`` prints as the option's default (click's own rule), or None."""
+    if isinstance(opt.show_default, str):
+        return opt.show_default
+    if opt.show_default is not False and opt.default is not None:
+        return str(opt.default)
+    return None
+
+
+def test_help_shows_a_default_for_every_option():
+    import typer
+
+    from vlcache.cli import app
+
+    root = typer.main.get_command(app)
+    missing = []
+    for path, cmd in _commands(root):
+        for opt in cmd.params:
+            if opt.param_type_name != "option" or opt.required or opt.is_flag or opt.name == "help":
+                continue
+            if not _shown_default(opt):
+                missing.append(f"vlcache {' '.join(path)} {opt.opts[0]}")
+    assert not missing, f"options whose --help shows no default: {missing}"
+
+
+def test_help_defaults_of_training_options_are_the_configs_defaults():
+    import dataclasses
+
+    import typer
+
+    from vlcache.cli import app
+    from vlcache.stages.train.caption_train import CaptionTrainConfig
+    from vlcache.stages.train.match_train import MatchTrainConfig
+
+    root = typer.main.get_command(app)
+    checked = 0
+    for cls, cmd in ((CaptionTrainConfig, root.commands["train"].commands["caption"]),
+                     (MatchTrainConfig, root.commands["train"].commands["match"])):
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        for opt in cmd.params:
+            if opt.name in defaults and defaults[opt.name] not in ("", None) and not getattr(opt, "is_flag", False):
+                assert _shown_default(opt) == str(defaults[opt.name]), (cls.__name__, opt.name)
+                checked += 1
+    assert checked >= 10
