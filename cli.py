@@ -308,7 +308,7 @@ def extract_cmd(
     Multi-GPU / multi-node: launch with torchrun; ranks own disjoint blocks.
     """
     from .pipeline.config import load_config
-    from .pipeline.datasets import check_image_root, load_datasets, select_records
+    from .pipeline.dataset_files import check_image_root, load_datasets, select_records
 
     _check_device(device)
     options = {

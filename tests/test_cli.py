@@ -337,7 +337,7 @@ def test_coco_captions_folder_one_store_and_a_size_mismatch_is_one_images_error(
 
 def test_training_without_a_val_split_fails_before_making_the_run(tmp_path):
     from vlcache.pipeline.config import load_config
-    from vlcache.pipeline.datasets import load_datasets
+    from vlcache.pipeline.dataset_files import load_datasets
     from vlcache.stages.extract.config import ExtractConfig
     from vlcache.stages.extract.loop import extract
 

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ...pipeline import datasets
+from ...pipeline import dataset_files
 from ...pipeline.config import ConfigError, to_dict
 from ...pipeline.records import Dataset, ImageRecord
 from ...storage.provenance import base_attrs
@@ -81,7 +81,7 @@ class StrictModeError(RuntimeError):
 
 
 def select_records(dataset: Dataset, cfg: ExtractConfig) -> list[ImageRecord]:
-    return datasets.select_records(dataset, cfg.split, cfg.limit)
+    return dataset_files.select_records(dataset, cfg.split, cfg.limit)
 
 
 def content_config(cfg: ExtractConfig) -> dict:
@@ -152,7 +152,7 @@ def extract(dataset: Dataset, url: str, cfg: ExtractConfig, *, overwrite: bool =
                           "ranks without --overwrite (they create it afresh)")
     start = time.perf_counter()
     records = select_records(dataset, cfg)
-    datasets.check_image_root(dataset.image_root, records[: cfg.block_size])  # before building or writing
+    dataset_files.check_image_root(dataset.image_root, records[: cfg.block_size])  # before building or writing
     models = build_models(cfg, dataset, class_words=class_words)
     layout = extraction_layout(records, cfg, models.dims)
     attrs = base_attrs(
@@ -169,7 +169,7 @@ def extract(dataset: Dataset, url: str, cfg: ExtractConfig, *, overwrite: bool =
     builder = RowBuilder(layout, records, models.matcher)
     retry = _failed_rows(writer, rank, world_size, pending) if retry_errors else {}
     if retry:
-        datasets.check_image_root(dataset.image_root, [records[r] for r in retry[min(retry)]])
+        dataset_files.check_image_root(dataset.image_root, [records[r] for r in retry[min(retry)]])
         writer.reopen()
         writer.backend.update_attrs(image_root=str(Path(dataset.image_root).resolve()))
         for block, redo in retry.items():
