@@ -82,7 +82,7 @@ CONVENTIONS = ("torchvision", "detectron2")
 def paste_convention(attrs: dict) -> str:
     """The pasting convention a store's masks were produced for, from its attributes: the detector
     config's ``mask_paste`` (METHODS.md section 12). Stores that do not record it read as "torchvision"
-    (what every backend but detectron2 produces, and what all stores were pasted with before)."""
+    (what the torchvision backend produces, and what all stores were pasted with before)."""
     detector = ((attrs or {}).get("models") or {}).get("detector") or {}
     convention = detector.get("mask_paste", "torchvision")
     if convention not in CONVENTIONS:

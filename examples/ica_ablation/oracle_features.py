@@ -31,7 +31,8 @@ def main(src: str, dst: str, amplitude: float = 3.0, width: int = 16) -> None:
     for i in range(len(store.ids)):
         inst = store.instances(i)
         if len(inst["labels"]):
-            cover = np.asarray(grid_coverage(inst["boxes"], inst["masks"], store.hw(i), grid))
+            cover = np.asarray(grid_coverage(inst["boxes"], inst["masks"], store.hw(i), grid,
+                                             convention=store.mask_paste))
             for k, c in enumerate(inst["labels"]):
                 feats[i, :, width * c:width * (c + 1)] += amplitude * cover[k].reshape(-1, 1)
     store.close()

@@ -256,7 +256,8 @@ class AnnotationsDetector:
     Each annotation (``bbox`` xywh, ``category_id`` an index into ``class_names``, ``segmentation``
     polygons, RLE or crowd RLE) is decoded with pycocotools to a full-resolution binary mask, then
     cropped to its box and resized to MxM with ``roi_align(aligned=True)`` on the float mask, the way
-    Mask R-CNN's mask targets are made. Choices (ours): annotations without a segmentation count as
+    detectron2 makes Mask R-CNN's mask targets; so the store pastes them back detectron2's way
+    (``mask_paste``, METHODS.md section 12), which returns the annotation. Choices (ours): annotations without a segmentation count as
     their filled box; zero-area boxes are dropped; above ``max_instances`` the largest areas are kept;
     crowd regions are kept unless ``include_crowd=False``. Proposals are a deterministic grid
     (:func:`grid_boxes`), used only to top up bottom-up regions.
@@ -277,7 +278,7 @@ class AnnotationsDetector:
         return {"backend": "annotations", "weights_id": self.weights_id, "weights_sha256": None,
                 "mask_size": self.mask_size, "max_instances": self.max_instances,
                 "include_crowd": self.include_crowd, "grid_levels": list(self.grid_levels),
-                "num_classes": len(self.class_names)}
+                "num_classes": len(self.class_names), "mask_paste": "detectron2"}
 
     def detect(self, images, records=None) -> list[Detections]:
         if records is None or len(records) != len(images):
