@@ -3,14 +3,19 @@
 Precedence (later wins): the dataclass defaults < ``--config FILE`` (YAML) < the command's own options
 (``--batch-size 8``) < ``--set key.sub=value`` overrides. Values given with ``--set`` are parsed as YAML
 scalars, so ``--set lr=1e-4`` is a float and ``--set groups=[grid,regions]`` a list.
+
+A field that names a choice is typed ``Literal[...]`` (also ``Literal[...] | None`` and
+``tuple[Literal[...], ...]``); a value outside it is a :class:`ConfigError` listing the allowed values,
+never a silent fallback (:func:`check_choices`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 
@@ -51,7 +56,47 @@ def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
         elif typing.get_origin(hint) is tuple and isinstance(value, list):
             value = tuple(value)
         kwargs[name] = value
+    for name, value in kwargs.items():
+        _check_choice(f"{where}: {name}", hints[name], value)
     return cls(**kwargs)
+
+
+def _allowed(hint) -> tuple | None:
+    """The values a ``Literal`` hint allows (looking inside ``X | None``); None if it is no choice."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            if arg is not type(None) and _allowed(arg) is not None:
+                return _allowed(arg)
+    return None
+
+
+def _check_choice(what: str, hint, value) -> None:
+    if typing.get_origin(hint) is tuple and isinstance(value, (tuple, list)):
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            for item in value:
+                _check_choice(what, args[0], item)
+        return
+    allowed = _allowed(hint)
+    if allowed is None or value is None or dataclasses.is_dataclass(value):
+        return
+    if value not in allowed:
+        raise ConfigError(f"{what}={value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}")
+
+
+def check_choices(cfg: Any, where: str = "config") -> None:
+    """Every ``Literal``-typed field of a (nested) dataclass config holds an allowed value, or ConfigError
+    naming the key (``where: section.key``) and listing the allowed values."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            check_choices(value, f"{where}.{f.name}" if where else f.name)
+        else:
+            _check_choice(f"{where}: {f.name}", hints[f.name], value)
 
 
 def merge(base: dict, update: dict) -> dict:

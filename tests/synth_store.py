@@ -25,7 +25,8 @@ def make_synth_store(n_images: int = 48, *, size: int = 96, grid: int = 4, input
                      block_size: int = 16, regions: int = 12, seed: int = 0, backend: str = "zarr",
                      groups=("instances", "regions", "grid", "matches")) -> tuple[str, Path]:
     """Return (store url, dataset dir) of a complete synthetic store; built once per argument set."""
-    key = json.dumps([n_images, size, grid, input_size, block_size, regions, seed, backend, list(groups)])
+    key = json.dumps([n_images, size, grid, input_size, block_size, regions, seed, backend, list(groups),
+                      "butd-regions"])  # region selection/scale changed: older cached stores do not apply
     tag = hashlib.sha1(key.encode()).hexdigest()[:12]
     root = _CACHE / tag
     data_dir = root / "data"
@@ -40,7 +41,8 @@ def make_synth_store(n_images: int = 48, *, size: int = 96, grid: int = 4, input
         "detector.backend=annotations", "features.weights=none", f"features.input_size={input_size}",
         f"features.grid_size={grid}", f"block_size={block_size}", f"features.max_regions={regions}",
         f"features.fixed_regions={regions}", "features.min_regions=4", "runtime.num_workers=0",
-        "runtime.batch_size=8", f"groups={json.dumps(list(groups))}",
+        "runtime.batch_size=8", f"groups={json.dumps(list(groups))}", f"features.region_min_size={size}",
+        f"features.region_max_size={2 * size}",
     ])
     extract(dataset, url, cfg, overwrite=True, progress=False)
     marker.write_text(url)

@@ -93,6 +93,16 @@ def test_pasting_our_masks_reproduces_the_full_model(tv_det, tv_out, images):
         torch.testing.assert_close(pasted, f["masks"][keep], atol=1e-5, rtol=0)
 
 
+def test_every_roi_comes_with_its_class_probabilities(tv_det, tv_out):
+    # BUTD region selection needs the box head's class probabilities of every RoI, not only detections
+    for d in tv_out:
+        assert d.roi_boxes.shape == (40, 4) and d.roi_scores.shape == (40, 80) and d.roi_scores.dtype == np.float32
+        np.testing.assert_array_equal(d.roi_boxes, d.proposals)
+        assert (d.roi_scores > 0).all() and (d.roi_scores.sum(1) < 1).all()  # background and N/A columns dropped
+        for label, score in zip(d.labels, d.scores):  # each detection is some RoI's probability of its class
+            assert np.abs(d.roi_scores[:, label] - score).min() < 1e-5
+
+
 def test_tensor_inputs_match_numpy_inputs(tv_det, tv_out, images):
     as_tensors = [torch.from_numpy(images[0]).permute(2, 0, 1), to_chw_float(images[1])]  # uint8 and float
     for d, ref in zip(tv_det.detect(as_tensors), tv_out):

@@ -38,7 +38,8 @@ torch.set_num_threads(2)
 # toy-size settings shared by the tests (CLI form and config form)
 TV_SET = ["detector.min_size=64", "detector.max_size=96", "detector.proposals=20", "detector.max_instances=4",
           "detector.score_threshold=0.0", "features.input_size=64", "features.grid_size=2",
-          "features.max_regions=6", "features.fixed_regions=6", "features.min_regions=2", "block_size=2"]
+          "features.max_regions=6", "features.fixed_regions=6", "features.min_regions=2", "block_size=2",
+          "features.region_min_size=64", "features.region_max_size=128"]
 
 
 def _cli_sets(pairs):
@@ -199,7 +200,8 @@ def test_models_are_built_deterministically_from_the_seed():
 def synth_config(**extra) -> ExtractConfig:
     sets = ["detector.backend=annotations", "features.weights=none", "features.input_size=64",
             "features.grid_size=2", "features.max_regions=6", "features.fixed_regions=6",
-            "features.min_regions=2", "block_size=4", "runtime.batch_size=4", "runtime.num_workers=0"]
+            "features.min_regions=2", "block_size=4", "runtime.batch_size=4", "runtime.num_workers=0",
+            "features.region_min_size=64", "features.region_max_size=128"]
     return load_config(ExtractConfig, overrides=sets + [f"{k}={v}" for k, v in extra.items()])
 
 

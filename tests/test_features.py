@@ -10,13 +10,12 @@ import pytest
 import torch
 from torchvision.models import resnet101
 
-from vlcache.stages.extract.detectors import Detections, DetectorError, grid_boxes
+from vlcache.stages.extract.detectors import DetectorError
 from vlcache.stages.extract.features import (
     FeatureExtractor,
     FeatureRangeError,
     grid_features,
     region_features,
-    select_regions,
     to_float16_checked,
 )
 
@@ -142,85 +141,74 @@ def test_default_weights_offline_gives_clear_message(tmp_path):
     assert "resnet101" in r.stdout
 
 
-# ------------------------------------------------------------------------------------------ regions
+# ------------------------------------------------------------------------ BUTD's test scale for regions
 
 
-def _dets(scores, labels=None, boxes=None, proposals=None, proposal_scores=None, size=(1000, 1000)):
-    n = len(scores)
-    if boxes is None:  # disjoint 20 px boxes on a diagonal-free grid
-        boxes = [[(i % 30) * 30, (i // 30) * 30, (i % 30) * 30 + 20, (i // 30) * 30 + 20] for i in range(n)]
-    return Detections(boxes=np.asarray(boxes, np.float32).reshape(-1, 4), scores=np.asarray(scores, np.float32),
-                      labels=np.zeros(n, np.int64) if labels is None else np.asarray(labels),
-                      masks=np.zeros((n, 28, 28), np.float32), image_size=size,
-                      proposals=proposals, proposal_scores=proposal_scores)
+def test_butd_scale_shorter_600_longer_at_most_1000():
+    from vlcache.stages.extract.features import butd_scale
+
+    assert butd_scale(480, 640) == (600, 800)  # a COCO image: shorter side 600
+    assert butd_scale(300, 1000) == (300, 1000)  # 600 would make the longer side 2000: longer = 1000
+    assert butd_scale(1000, 250) == (1000, 250)
+    assert butd_scale(64, 80, 96, 200) == (96, 120)
+    assert butd_scale(64, 80) != (448, 448)  # not the grid's square stretch
 
 
-def _proposals(n, offset=600):
-    return np.array([[offset + (i % 10) * 35, offset + (i // 10) * 35, offset + (i % 10) * 35 + 30,
-                      offset + (i // 10) * 35 + 30] for i in range(n)], np.float32)
+def test_prepare_scaled_keeps_aspect_and_pads_to_stride(extractor):
+    img = np.random.default_rng(0).integers(0, 256, (40, 70, 3), dtype=np.uint8)
+    x, (h, w) = extractor.prepare_scaled(img, 60, 200)
+    assert (h, w) == (60, 105) and x.shape == (1, 3, 64, 128)  # padded at the bottom/right to 32s
+    assert (x[..., 60:, :] == 0).all() and (x[..., :, 105:] == 0).all()
+    c5 = extractor(x)
+    assert c5.shape == (1, 2048, 2, 4)
+    (feats,) = region_features(c5, [np.array([[0, 0, 70, 40]], np.float32)], [(40, 70)], [(h, w)])
+    assert feats.shape == (1, 2048) and torch.isfinite(feats).all()
 
 
-def test_adaptive_keeps_confident_ones_best_first():
-    scores = np.linspace(0.9, 0.05, 15)  # 12 of them >= 0.2
-    b, l, s = select_regions(_dets(scores))
-    assert len(b) == (scores >= 0.2).sum() == 12
-    np.testing.assert_allclose(s, scores[:12], rtol=1e-6)
-    assert b.dtype == np.float32 and l.dtype == np.int64 and s.dtype == np.float32
+def test_region_features_on_a_padded_non_square_input():
+    # C5 of a 64x128 padded input from a 40x64 image resized to 80x128 (scale 2): a box maps through the
+    # resize (not through the padded size) to C5 at 1/32; on a linear map the mean is the centre value
+    C = 2
+    ys, xs = torch.meshgrid(torch.arange(3.0), torch.arange(4.0), indexing="ij")
+    a, b = torch.tensor([1.0, -1.0]), torch.tensor([2.0, 3.0])
+    c5 = (a[:, None, None] * xs + b[:, None, None] * ys)[None]
+    box = np.array([[16, 8, 48, 24]], np.float32)  # -> input [32, 16, 96, 48] -> C5 [1, .5, 3, 1.5]
+    (out,) = region_features(c5, [box], [(40, 64)], [(80, 128)])
+    torch.testing.assert_close(out[0], a * 1.5 + b * 0.5)  # aligned=True: centre (2, 1) - 0.5
+    with pytest.raises(ValueError, match="does not match an input of 200x128"):
+        region_features(c5, [box], [(40, 64)], [(200, 128)])
 
 
-def test_adaptive_caps_at_max_regions():
-    b, _, s = select_regions(_dets(np.linspace(0.99, 0.3, 120)))
-    assert len(b) == 100 and s.min() >= 0.3
-    b, _, _ = select_regions(_dets(np.linspace(0.99, 0.3, 120)), max_regions=36)
-    assert len(b) == 36
+def test_extraction_pools_regions_at_butd_scale_by_default(tmp_path):
+    from vlcache.pipeline.config import load_config
+    from vlcache.pipeline.datasets import load_dataset
+    from vlcache.pipeline.synth import generate
+    from vlcache.stages.extract.config import ExtractConfig, FeatureConfig
+    from vlcache.stages.extract.models import build_models
 
+    assert (FeatureConfig().region_scale, FeatureConfig().region_min_size, FeatureConfig().region_max_size) == (
+        "butd", 600, 1000)
+    assert (FeatureConfig().min_regions, FeatureConfig().max_regions, FeatureConfig().fixed_regions) == (10, 100, 36)
+    generate(tmp_path, n_images=2, seed=0, size=(48, 64))
+    ds = load_dataset(tmp_path / "dataset_synth.json", instances=tmp_path / "instances.json")
+    sets = ["detector.backend=annotations", "features.weights=none", "features.input_size=64",
+            "features.grid_size=2", "features.region_min_size=96", "features.region_max_size=160",
+            "groups=[regions,grid]"]
+    models = build_models(load_config(ExtractConfig, overrides=sets), ds)
+    from vlcache.stages.extract.images import load_image
 
-def test_too_few_are_topped_up_by_weak_detections_then_proposals():
-    scores = [0.9, 0.5, 0.3, 0.1, 0.05, 0.04, 0.01]  # 3 confident, 7 detections in all
-    props = _proposals(20)
-    pscores = np.linspace(0.99, 0.5, 20).astype(np.float32)
-    b, l, s = select_regions(_dets(scores, proposals=props, proposal_scores=pscores))
-    assert len(b) == 10
-    np.testing.assert_allclose(s[:7], scores, rtol=1e-6)  # every detection first, best first
-    assert (l[:7] == 0).all() and (l[7:] == -1).all()  # proposals carry no class
-    np.testing.assert_array_equal(b[7:], props[:3])
-    np.testing.assert_allclose(s[7:], pscores[:3])
-
-
-def test_fixed_36_ignores_confidence_and_tops_up():
-    many = _dets(np.r_[np.linspace(0.9, 0.5, 10), np.linspace(0.19, 0.01, 40)])  # 10 confident
-    b, _, s = select_regions(many, fixed=36)
-    assert len(b) == 36 and s.min() < 0.2
-    few = _dets([0.8, 0.7, 0.6, 0.5, 0.4], proposals=_proposals(40))
-    b, l, _ = select_regions(few, fixed=36)
-    assert len(b) == 36 and (l == -1).sum() == 31
-
-
-def test_class_aware_nms():
-    same = [[0, 0, 100, 100], [5, 5, 100, 100], [300, 300, 400, 400]]
-    b, l, s = select_regions(_dets([0.9, 0.8, 0.7], labels=[1, 1, 2], boxes=same), min_regions=1)
-    assert len(b) == 2 and s.tolist() == pytest.approx([0.9, 0.7])  # the overlapping same-class box went
-    b, l, _ = select_regions(_dets([0.9, 0.8, 0.7], labels=[1, 3, 2], boxes=same), min_regions=1)
-    assert len(b) == 3  # different classes may overlap
-
-
-def test_top_up_prefers_new_boxes_then_takes_any():
-    dets = _dets([0.9], boxes=[[0, 0, 100, 100]])
-    props = np.array([[0, 0, 100, 100], [1, 1, 99, 99], [500, 500, 600, 600]], np.float32)
-    b, l, _ = select_regions(dets, props, min_regions=3)
-    np.testing.assert_array_equal(b[1], props[2])  # the new area first
-    np.testing.assert_array_equal(b[2], props[0])  # then duplicates, in proposal order, to reach the minimum
-    b, _, _ = select_regions(dets, props, min_regions=10)
-    assert len(b) == 4  # cannot invent regions: 1 detection + 3 proposals
-
-
-def test_annotation_grid_tops_up_and_bad_counts():
-    dets = _dets([1.0, 1.0], boxes=[[0, 0, 50, 50], [60, 60, 90, 90]], proposals=grid_boxes(100, 100),
-                 size=(100, 100))
-    b, l, _ = select_regions(dets)
-    assert len(b) == 10 and (l[2:] == -1).all()
-    np.testing.assert_array_equal(b[2], [0, 0, 100, 100])  # the whole image is the first grid box
-    with pytest.raises(ValueError, match="bad region counts"):
-        select_regions(dets, min_regions=20, max_regions=10)
-    with pytest.raises(ValueError, match="bad region counts"):
-        select_regions(dets, fixed=0)
+    images = [load_image(ds.image_root / r.path) for r in ds.records]
+    outs = models.run(images, ds.records)
+    fx = models.extractor
+    for img, out in zip(images, outs):
+        x, scaled = fx.prepare_scaled(img, 96, 160)
+        assert scaled == (96, 128)
+        with torch.no_grad():
+            (ref,) = region_features(fx(x), [out.reg_boxes], [img.shape[:2]], [scaled])
+        np.testing.assert_allclose(out.reg_feats.astype(np.float32), ref.numpy(), rtol=1e-2, atol=1e-3)
+    assert "shorter side 96" in models.describe()["regions"]["feature_scale"]
+    # region_scale=square pools from the grid's 64x64 pass instead: different features
+    square = build_models(load_config(ExtractConfig, overrides=sets + ["features.region_scale=square"]), ds)
+    outs_sq = square.run(images, ds.records)
+    np.testing.assert_array_equal(outs_sq[0].reg_boxes, outs[0].reg_boxes)
+    assert not np.allclose(outs_sq[0].reg_feats.astype(np.float32), outs[0].reg_feats.astype(np.float32), atol=1e-3)

@@ -63,7 +63,8 @@ _spec.loader.exec_module(ww)
 SEED = 20240607  # the kill moments below are drawn from this seed and printed
 EXTRACT_SETS = ["detector.backend=annotations", "features.weights=none", "features.input_size=64",
                 "features.grid_size=2", "features.max_regions=6", "features.fixed_regions=6",
-                "features.min_regions=2", "block_size=2"]
+                "features.min_regions=2", "block_size=2", "features.region_min_size=64",
+                "features.region_max_size=128"]
 
 
 @pytest.fixture

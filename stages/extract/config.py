@@ -7,12 +7,15 @@ Content fields are recorded in the store's attributes and compared on resume; ru
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
+
+Group = Literal["instances", "regions", "grid", "matches"]  # what a store holds besides images/captions
 
 
 @dataclass
 class DetectorConfig:
     backend: str = "torchvision"  # torchvision | detectron2 | annotations
-    arch: str = "v2"  # torchvision: v2 (maskrcnn_resnet50_fpn_v2) | v1
+    arch: Literal["v2", "v1"] = "v2"  # torchvision: v2 (maskrcnn_resnet50_fpn_v2) | v1
     weights: str = "DEFAULT"  # DEFAULT (torchvision enum) | PATH | none (random init)
     config_file: str | None = None  # detectron2: model-zoo name or a config file
     score_threshold: float = 0.05  # low on purpose: thresholds are choices made at training time
@@ -24,15 +27,21 @@ class DetectorConfig:
 
 @dataclass
 class FeatureConfig:
-    backbone: str = "resnet101"  # ResNet-101 C5, as BUTD and Show-Attend-Tell use (or resnet18/34/50;
-    # a `vlcache train detector` checkpoint as weights brings its own trunk)
+    backbone: Literal["resnet101", "resnet50", "resnet34", "resnet18"] = "resnet101"  # C5 of ResNet-101, as
+    # BUTD and Show-Attend-Tell use (a `vlcache train detector` checkpoint as weights brings its own trunk)
     weights: str = "DEFAULT"  # DEFAULT | PATH | none
-    input_size: int = 448  # images resized to input_size^2 for the C5 map (SAT convention)
+    input_size: int = 448  # grid features: images resized to input_size^2 for the C5 map (SAT convention)
     grid_size: int = 14
-    region_mode: str = "adaptive"  # adaptive (10..100 boxes with conf >= 0.2, BUTD) | fixed
+    # adaptive: confidence >= region_conf, min_regions..max_regions per image (BUTD) | fixed: fixed_regions
+    region_mode: Literal["adaptive", "fixed"] = "adaptive"
     region_conf: float = 0.2
     min_regions: int = 10
-    max_regions: int = 36  # store capacity R; BUTD's adaptive setting uses 100
+    max_regions: int = 100  # adaptive: at most this many (BUTD: 10..100); the store's capacity R
+    # butd: C5 of a pass at shorter side region_min_size, longer <= region_max_size, aspect kept (BUTD's
+    # test scale) | square: pooled from the grid's input_size^2 pass (cheaper)
+    region_scale: Literal["butd", "square"] = "butd"
+    region_min_size: int = 600
+    region_max_size: int = 1000
     fixed_regions: int = 36
 
 
@@ -47,9 +56,9 @@ class RuntimeConfig:
 
 @dataclass
 class ExtractConfig:
-    groups: tuple[str, ...] = ("instances", "regions", "grid", "matches")
+    groups: tuple[Group, ...] = ("instances", "regions", "grid", "matches")
     block_size: int = 64
-    match: str = "synonyms"  # synonyms | exact
+    match: Literal["synonyms", "exact"] = "synonyms"  # synonyms | exact
     split: str | None = None  # only this split
     limit: int | None = None  # only the first N images (after the split filter)
     seed: int = 0  # torch seed for building models: random-init (weights none) stores are reproducible

@@ -63,7 +63,12 @@ class Detections:
     0..K-1 into the detector's ``class_names`` (no background); scores (n,) float32; masks (n,M,M)
     float32 box-relative probabilities in [0, 1] as the mask head produced them (not pasted);
     image_size (h, w). Optional proposals (p,4) float32 in original pixels with their objectness
-    ``proposal_scores`` (p,), best first, used to top up bottom-up regions.
+    ``proposal_scores`` (p,), best first, used to top up bottom-up regions when no RoI scores are given.
+
+    Bottom-up regions (METHODS section 11) are chosen from ``roi_boxes`` (q,4) float32 (original
+    pixels): every RoI the box head scored, with ``roi_scores`` (q,K) float32, its foreground class
+    probabilities (softmax, background dropped; columns = ``class_names``), and optionally
+    ``roi_feats`` (q,D) float32, the box head's representation of each RoI.
     """
 
     boxes: np.ndarray
@@ -73,6 +78,9 @@ class Detections:
     image_size: tuple[int, int]
     proposals: np.ndarray | None = None
     proposal_scores: np.ndarray | None = None
+    roi_boxes: np.ndarray | None = None
+    roi_scores: np.ndarray | None = None
+    roi_feats: np.ndarray | None = None
 
     def __post_init__(self):
         self.boxes = _np(self.boxes, np.float32).reshape(-1, 4)
@@ -95,6 +103,18 @@ class Detections:
             self.proposal_scores = _np(self.proposal_scores, np.float32).reshape(-1)
             if len(self.proposal_scores) != len(self.proposals):
                 raise DetectorError("proposal_scores and proposals differ in length")
+        if (self.roi_boxes is None) != (self.roi_scores is None):
+            raise DetectorError("roi_boxes and roi_scores come together")
+        if self.roi_boxes is not None:
+            self.roi_boxes = _np(self.roi_boxes, np.float32).reshape(-1, 4)
+            self.roi_scores = _np(self.roi_scores, np.float32)
+            q = len(self.roi_boxes)
+            if self.roi_scores.ndim != 2 or len(self.roi_scores) != q:
+                raise DetectorError(f"roi_scores {self.roi_scores.shape} must be (q, K) for {q} roi_boxes")
+            if self.roi_feats is not None:
+                self.roi_feats = _np(self.roi_feats, np.float32)
+                if self.roi_feats.ndim != 2 or len(self.roi_feats) != q:
+                    raise DetectorError(f"roi_feats {self.roi_feats.shape} must be (q, D) for {q} roi_boxes")
 
     def __len__(self) -> int:
         return len(self.boxes)
@@ -303,18 +323,38 @@ class TorchvisionDetector:
             batch, _ = m.transform(tensors)
             features = m.backbone(batch.tensors)
             proposals, prop_scores = self._rpn(batch, features)
-            results, _ = m.roi_heads(features, proposals, batch.image_sizes)
+            results, class_probs = self._roi_heads(features, proposals, batch.image_sizes)
+        columns = torch.from_numpy(np.flatnonzero(self._lut >= 0))  # foreground classes, in class_names order
         out = []
-        for res, props, pscores, in_size, size in zip(results, proposals, prop_scores, batch.image_sizes, sizes):
+        for res, props, pscores, probs, in_size, size in zip(results, proposals, prop_scores, class_probs,
+                                                             batch.image_sizes, sizes):
             labels = torch.as_tensor(self._lut)[res["labels"].cpu()]
             keep = labels >= 0  # drops COCO 'N/A' ids (never trained; random weights can emit them)
+            roi_boxes = resize_boxes(props.float(), in_size, size)
             out.append(Detections(
                 boxes=resize_boxes(res["boxes"].float(), in_size, size)[keep.to(res["boxes"].device)],
                 labels=labels[keep], scores=res["scores"].float().cpu()[keep],
                 masks=res["masks"][:, 0].float().cpu()[keep], image_size=size,
-                proposals=resize_boxes(props.float(), in_size, size), proposal_scores=pscores.float(),
+                proposals=roi_boxes, proposal_scores=pscores.float(),
+                roi_boxes=roi_boxes, roi_scores=probs.float().cpu()[:, columns],
             ))
         return out
+
+    def _roi_heads(self, features, proposals, image_sizes) -> tuple[list[dict], list[Tensor]]:
+        """``RoIHeads.forward`` at test time, step by step, also returning every proposal's class
+        probabilities (softmax over background + classes), which BUTD region selection needs."""
+        from torchvision.models.detection.roi_heads import maskrcnn_inference
+
+        h = self.model.roi_heads
+        box_features = h.box_head(h.box_roi_pool(features, proposals, image_sizes))
+        class_logits, box_regression = h.box_predictor(box_features)
+        boxes, scores, labels = h.postprocess_detections(class_logits, box_regression, proposals, image_sizes)
+        results = [{"boxes": b, "scores": s, "labels": lab} for b, s, lab in zip(boxes, scores, labels)]
+        mask_logits = h.mask_predictor(h.mask_head(h.mask_roi_pool(features, boxes, image_sizes)))
+        for res, probs in zip(results, maskrcnn_inference(mask_logits, labels)):
+            res["masks"] = probs
+        class_probs = torch.softmax(class_logits.float(), -1).split([len(p) for p in proposals])
+        return results, list(class_probs)
 
 
 # The other backends live in their own module; importing it here registers them and keeps the names

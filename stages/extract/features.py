@@ -1,18 +1,17 @@
-"""Grid and bottom-up region features from one ResNet-101 C5 map (METHODS section 1; issue 3 items 2-3).
+"""Grid and bottom-up region features from a ResNet-101 C5 map (METHODS sections 1 and 11).
 
 Choices (ours; the README repeats them):
 
-- One backbone pass per image: the image is resized to ``input_size`` x ``input_size`` (448 by default,
-  ignoring aspect ratio, as common Show-Attend-Tell implementations do), giving a 14x14x2048 C5 map.
-- Grid features: adaptive average pooling of C5 to G x G (identity at 448 / G=14), flattened to
-  (G*G, 2048).
-- Region features, BUTD-style: ``roi_align`` of each box on the *same* C5 map (boxes mapped from
-  original pixels to the resized input, ``spatial_scale`` 1/32, ``sampling_ratio=2``, ``aligned=True``),
-  7x7 output mean-pooled to 2048-d. Anderson et al. pooled a Visual Genome Faster R-CNN's own res5
-  head on 600-px inputs; ours is the ImageNet ResNet-101 trunk, which is what a user has offline.
-- Region selection follows BUTD: detections with confidence >= 0.2 after class-aware NMS (IoU 0.3),
-  10..100 per image, or a fixed number (36); too few are topped up first by lower-confidence
-  detections, then by proposals (RPN proposals, or the annotations backend's box grid), label -1.
+- Grid features: the image resized to ``input_size`` x ``input_size`` (448 by default, ignoring aspect
+  ratio, as common Show-Attend-Tell implementations do), giving a 14x14x2048 C5 map, adaptively
+  average-pooled to G x G (identity at 448 / G=14) and flattened to (G*G, 2048).
+- Region features, BUTD-style: ``roi_align`` of each box on C5 (``spatial_scale`` 1/32,
+  ``sampling_ratio=2``, ``aligned=True``), 7x7 output mean-pooled to 2048-d. By default C5 comes from
+  a pass at BUTD's test scale (:meth:`FeatureExtractor.prepare_scaled`: shorter side 600, longer side at
+  most 1000, aspect kept, one image at a time as generate_tsv.py does); ``region_scale=square`` pools
+  from the grid's square pass instead (cheaper, coarser). Anderson et al. pooled a Visual Genome Faster
+  R-CNN's own res5 head; ours is the ImageNet ResNet-101 trunk, which is what a user has offline.
+- Which regions: :mod:`.regions` (BUTD's selection).
 - Random init (``weights="none"``) uses torchvision's ``zero_init_residual=True``: the standard init
   grows activations past float16's range (~2e5 at 448 px) through 33 residual sums; with residual
   branches starting at zero the C5 values stay O(1). Values are never rescaled afterwards:
@@ -27,9 +26,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import batched_nms, box_iou, roi_align
+from torchvision.ops import roi_align
 
-from .detectors import (Detections, DetectorError, fetch_torchvision_weights, load_state_dict, sha256_file,
+from .detectors import (DetectorError, fetch_torchvision_weights, load_state_dict, sha256_file,
                         to_chw_float)
 
 STRIDE = 32  # ResNet C5 stride
@@ -97,6 +96,15 @@ class FeatureExtractor(nn.Module):
                                align_corners=False, antialias=True) for i, img in enumerate(images)]
         return (torch.cat(batch).clamp_(0, 1) - self.mean) / self.std
 
+    def prepare_scaled(self, image, min_size: int = 600, max_size: int = 1000) -> tuple[Tensor, tuple[int, int]]:
+        """One image at BUTD's test scale (:func:`butd_scale`; bilinear without antialiasing, as
+        cv2.resize in generate_tsv.py), normalised and zero-padded at the bottom/right to a multiple of 32
+        so C5 cells stay at stride 32 -> ((1,3,H,W) batch, (h', w') before padding)."""
+        x = to_chw_float(image)[None].to(self.mean.device)
+        h, w = butd_scale(x.shape[-2], x.shape[-1], min_size, max_size)
+        x = (F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False).clamp_(0, 1) - self.mean) / self.std
+        return F.pad(x, (0, -w % STRIDE, 0, -h % STRIDE)), (h, w)
+
     def forward(self, x: Tensor) -> Tensor:
         return self.trunk(x)
 
@@ -111,72 +119,38 @@ def grid_features(c5: Tensor, grid: int = 14) -> Tensor:
 
 
 def region_features(c5: Tensor, boxes_per_image: Sequence, image_sizes: Sequence[tuple[int, int]],
-                    input_size: int | tuple[int, int], output_size: int = 7) -> list[Tensor]:
+                    input_sizes, output_size: int = 7) -> list[Tensor]:
     """RoIAlign-pooled region features: one (r, C) tensor per image.
 
-    ``boxes_per_image`` are xyxy in original pixels of images of ``image_sizes`` (h, w); each image was
-    resized to ``input_size`` before the backbone. Each box is pooled to output_size^2 bins on C5
-    (``spatial_scale`` = C5 size / input size, sampling_ratio 2, aligned=True) and mean-pooled.
+    ``boxes_per_image`` are xyxy in original pixels of images of ``image_sizes`` (h, w); image k was
+    resized to ``input_sizes[k]`` (h', w') before the backbone (an int S means S x S for all, one
+    (h', w') pair the same for all) and may have been padded at the bottom/right. Each box is scaled by
+    (w'/w, h'/h), pooled to output_size^2 bins on C5 (``spatial_scale`` 1/32, sampling_ratio 2,
+    aligned=True) and mean-pooled.
     """
-    in_h, in_w = (input_size, input_size) if isinstance(input_size, int) else input_size
-    if c5.shape[-2] / in_h != c5.shape[-1] / in_w:
-        raise ValueError(f"C5 of {tuple(c5.shape[-2:])} does not match an input of {in_h}x{in_w}")
+    n = len(image_sizes)
+    if isinstance(input_sizes, int):
+        input_sizes = [(input_sizes, input_sizes)] * n
+    elif len(input_sizes) == 2 and all(isinstance(v, int) for v in input_sizes):
+        input_sizes = [tuple(input_sizes)] * n
     rois = []
-    for boxes, (h, w) in zip(boxes_per_image, image_sizes, strict=True):
+    for boxes, (h, w), (in_h, in_w) in zip(boxes_per_image, image_sizes, input_sizes, strict=True):
+        if -(-in_h // STRIDE) > c5.shape[-2] or -(-in_w // STRIDE) > c5.shape[-1]:
+            raise ValueError(f"C5 of {tuple(c5.shape[-2:])} does not match an input of {in_h}x{in_w}")
         b = torch.as_tensor(np.asarray(boxes, np.float32) if not isinstance(boxes, Tensor) else boxes)
         b = b.to(c5.device, torch.float32).reshape(-1, 4)
         rois.append(b * b.new_tensor([in_w / w, in_h / h, in_w / w, in_h / h]))
-    pooled = roi_align(c5.float(), rois, output_size, spatial_scale=c5.shape[-1] / in_w,
-                       sampling_ratio=2, aligned=True)
+    pooled = roi_align(c5.float(), rois, output_size, spatial_scale=1 / STRIDE, sampling_ratio=2, aligned=True)
     return list(pooled.mean(dim=(2, 3)).split([len(r) for r in rois]))
 
 
-def select_regions(det: Detections, proposals: np.ndarray | None = None, *, conf: float = 0.2,
-                   min_regions: int = 10, max_regions: int = 100, fixed: int | None = None,
-                   nms_iou: float = 0.3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """BUTD region selection -> (boxes (r,4) float32, labels (r,) int64, scores (r,) float32).
-
-    Detections go through class-aware NMS (``nms_iou``). Adaptive (``fixed=None``): those with score
-    >= ``conf``, at most ``max_regions``; if fewer than ``min_regions``, the best remaining detections,
-    then proposals (``proposals`` or ``det.proposals``, best first; label -1, score = objectness),
-    preferring proposals that overlap no chosen box by IoU >= ``nms_iou``. Fixed: the best ``fixed``
-    detections regardless of ``conf``, topped up the same way.
-    """
-    if (fixed is not None and fixed < 1) or min_regions > max_regions:
-        raise ValueError(f"bad region counts: fixed={fixed}, min_regions={min_regions}, max_regions={max_regions}")
-    boxes, scores = torch.from_numpy(det.boxes), torch.from_numpy(det.scores)
-    order = batched_nms(boxes, scores, torch.from_numpy(det.labels), nms_iou).numpy()  # best first
-    if fixed is not None:
-        want, chosen = fixed, order[:fixed]
-    else:
-        confident = order[det.scores[order] >= conf][:max_regions]
-        want, chosen = min_regions, (confident if len(confident) >= min_regions else order[:min_regions])
-    out_b, out_l, out_s = det.boxes[chosen], det.labels[chosen], det.scores[chosen]
-    if len(chosen) < want:
-        props = det.proposals if proposals is None else np.asarray(proposals, np.float32).reshape(-1, 4)
-        pscores = (det.proposal_scores if proposals is None and det.proposal_scores is not None
-                   else np.zeros(0 if props is None else len(props), np.float32))
-        if props is not None and len(props):
-            take = _top_up(out_b, props, want - len(chosen), nms_iou)
-            out_b = np.concatenate([out_b, props[take]])
-            out_l = np.concatenate([out_l, np.full(len(take), -1, np.int64)])
-            out_s = np.concatenate([out_s, pscores[take]])
-    return out_b.astype(np.float32), out_l.astype(np.int64), out_s.astype(np.float32)
-
-
-def _top_up(chosen: np.ndarray, props: np.ndarray, need: int, iou: float) -> np.ndarray:
-    """Indices of ``need`` proposals, in order: first those new (IoU < iou with all kept), then any."""
-    taken: list[int] = []
-    kept = torch.from_numpy(chosen.reshape(-1, 4))
-    for i, p in enumerate(torch.from_numpy(props)):
-        if len(taken) == need:
-            break
-        if len(kept) == 0 or box_iou(p[None], kept).max() < iou:
-            taken.append(i)
-            kept = torch.cat([kept, p[None]])
-    used = set(taken)
-    rest = [i for i in range(len(props)) if i not in used]
-    return np.asarray(taken + rest[: need - len(taken)], np.int64)
+def butd_scale(height: int, width: int, min_size: int = 600, max_size: int = 1000) -> tuple[int, int]:
+    """(h', w') of an image at BUTD's test scale: shorter side ``min_size`` unless the longer side would
+    exceed ``max_size`` (then longer side = ``max_size``), aspect kept (py-faster-rcnn ``_get_image_blob``)."""
+    scale = min_size / min(height, width)
+    if round(scale * max(height, width)) > max_size:
+        scale = max_size / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
 
 
 def to_float16_checked(x, what: str) -> np.ndarray:

@@ -9,11 +9,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ...pipeline.config import check_choices
 from ...pipeline.records import Dataset, ImageRecord
 from .config import ExtractConfig
 from .detectors import DETECTORS, Detections
-from .features import FeatureExtractor, grid_features, region_features, select_regions, to_float16_checked
+from .features import FeatureExtractor, grid_features, region_features, to_float16_checked
 from .matching import ClassWordMatcher, load_class_words
+from .regions import select_regions
 from .rows import RowOutput
 
 
@@ -37,8 +39,19 @@ class ExtractionModels:
         return {
             "detector": self.detector.config() if self.detector is not None else None,
             "features": self.extractor.config() if self.extractor is not None else None,
+            "regions": self._region_description() if "regions" in self.cfg.groups else None,
             "matching": {"mode": self.cfg.match, "class_words": self.class_words_source},
         }
+
+    def _region_description(self) -> dict:
+        f = self.cfg.features
+        count = (f"fixed {f.fixed_regions}" if f.region_mode == "fixed"
+                 else f"adaptive: conf >= {f.region_conf}, {f.min_regions}..{f.max_regions}")
+        scale = (f"butd: shorter side {f.region_min_size}, longer <= {f.region_max_size}, aspect kept"
+                 if f.region_scale == "butd" else f"square {f.input_size}x{f.input_size} (the grid pass)")
+        return {"selection": "BUTD generate_tsv.py: RoIs scored by the box head, per-class NMS 0.3, "
+                             "confidence = max kept class score; label = arg-max class",
+                "count": count, "feature_scale": scale}
 
     @torch.inference_mode()
     def run(self, images: list[np.ndarray], records: list[ImageRecord]) -> list[RowOutput]:
@@ -54,29 +67,48 @@ class ExtractionModels:
                     out.inst_boxes, out.inst_labels, out.inst_scores, out.inst_masks = d.boxes, d.labels, d.scores, d.masks
         if self.extractor is None:
             return outs
-        device = self.extractor.mean.device
-        t1 = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.float16, enabled=self.cfg.runtime.amp and device.type == "cuda"):
-            c5 = self.extractor(self.extractor.prepare(images)).float()
-        if c5.is_cuda:
-            torch.cuda.synchronize(c5.device)  # so the split between backbone and post is honest
-        t2 = time.perf_counter()
-        self.seconds["backbone"] += t2 - t1
+        square = None
+        if "grid" in groups or f.region_scale == "square":
+            square = self._timed_c5(self.extractor.prepare(images))
+        t = time.perf_counter()
         if "grid" in groups:
-            grid = grid_features(c5, f.grid_size)
+            grid = grid_features(square, f.grid_size)
             for k, (out, rec) in enumerate(zip(outs, records)):
                 out.grid_feats = to_float16_checked(grid[k], f"grid features of image {rec.id} ({rec.path})")
+        self.seconds["post"] += time.perf_counter() - t
         if "regions" in groups and dets is not None:
-            fixed = f.fixed_regions if f.region_mode == "fixed" else None
-            chosen = [select_regions(d, conf=f.region_conf, min_regions=f.min_regions,
-                                     max_regions=f.max_regions, fixed=fixed) for d in dets]
-            sizes = [img.shape[:2] for img in images]
-            feats = region_features(c5, [c[0] for c in chosen], sizes, self.extractor.input_size)
-            for out, (b, l, s), x, rec in zip(outs, chosen, feats, records):
-                out.reg_boxes, out.reg_labels, out.reg_scores = b, l, s
-                out.reg_feats = to_float16_checked(x, f"region features of image {rec.id} ({rec.path})")
-        self.seconds["post"] += time.perf_counter() - t2
+            self._regions(images, records, dets, square, outs)
         return outs
+
+    def _timed_c5(self, batch: torch.Tensor) -> torch.Tensor:
+        """The backbone's C5 of a prepared batch; its wall time goes to ``seconds["backbone"]``."""
+        t = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.float16, enabled=self.cfg.runtime.amp and batch.is_cuda):
+            c5 = self.extractor(batch).float()
+        if c5.is_cuda:
+            torch.cuda.synchronize(c5.device)  # so the split between backbone and post is honest
+        self.seconds["backbone"] += time.perf_counter() - t
+        return c5
+
+    def _regions(self, images, records, dets: list[Detections], square, outs: list[RowOutput]) -> None:
+        """BUTD region selection (METHODS section 11), then RoIAlign on C5 at ``features.region_scale``."""
+        f = self.cfg.features
+        t, backbone_before = time.perf_counter(), self.seconds["backbone"]
+        fixed = f.fixed_regions if f.region_mode == "fixed" else None
+        chosen = [select_regions(d, conf=f.region_conf, min_regions=f.min_regions, max_regions=f.max_regions,
+                                 fixed=fixed) for d in dets]
+        sizes = [img.shape[:2] for img in images]
+        if f.region_scale == "square":
+            feats = region_features(square, [c[1] for c in chosen], sizes, self.extractor.input_size)
+        else:  # BUTD's test scale: one image at a time, as generate_tsv.py
+            feats = []
+            for img, c, size in zip(images, chosen, sizes):
+                batch, scaled = self.extractor.prepare_scaled(img, f.region_min_size, f.region_max_size)
+                feats += region_features(self._timed_c5(batch), [c[1]], [size], [scaled])
+        for out, (_, b, l, s), x, rec in zip(outs, chosen, feats, records):
+            out.reg_boxes, out.reg_labels, out.reg_scores = b, l, s
+            out.reg_feats = to_float16_checked(x, f"region features of image {rec.id} ({rec.path})")
+        self.seconds["post"] += time.perf_counter() - t - (self.seconds["backbone"] - backbone_before)
 
 
 def _resolve_class_words(class_names: list[str], dataset: Dataset, explicit: str | Path | None):
@@ -102,6 +134,7 @@ def build_models(cfg: ExtractConfig, dataset: Dataset, class_words: str | Path |
     weights (``none``) are identical on every run and every rank (resumed and multi-rank stores then
     equal an uninterrupted single-process one), and the caller's RNG state is left untouched.
     """
+    check_choices(cfg)  # a config built in Python gets the same check as one from --set or a file
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         return _build_models(cfg, dataset, class_words)

@@ -22,6 +22,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from tqdm import tqdm
@@ -57,7 +58,7 @@ class CaptionTrainConfig:
     attn_dim: int = 512
     hidden_dim: int = 512
     dropout: float = 0.5
-    feat_norm: str = "none"  # none | standardize: per-channel (a - mean) / std, statistics of the train split
+    feat_norm: Literal["none", "standardize"] = "none"  # none | standardize: per-channel (a - mean) / std, statistics of the train split
     feat_stats_images: int = 2000  # train images the statistics are computed from (evenly spaced)
     beam_size: int = 3
     patience: int = 5  # epochs without a better val CIDEr before stopping; 0 = never stop early

@@ -24,6 +24,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -57,7 +58,7 @@ class MatchTrainConfig:
     0.25), threshold h = 0.5, ITC + ITM + L_reg with weight 1 each. CCR/CCS/ICA weights are 0 (off).
     """
 
-    model: str = "scan"  # scan | mmca | slan
+    model: Literal["scan", "mmca", "slan"] = "scan"
     store: str = ""
     text_cache: str | None = None  # MMCA/SLAN: cached BERT outputs (`vlcache store text-cache`); None = BERT online
     bert: str | None = None  # MMCA/SLAN without cache: BERT name/path (None = bundled all-MiniLM-L6-v2)
@@ -71,7 +72,7 @@ class MatchTrainConfig:
     grad_clip: float = 2.0  # 0 = off
     margin: float = 0.2
     region_norm: bool = False  # standardise region features with training-split statistics (MatchNet)
-    captions: str = "one"  # one | all captions per image per step (match_data)
+    captions: Literal["one", "all"] = "one"  # one | all captions per image per step (match_data)
     ccr: float = 0.0
     ccs: float = 0.0
     ica: float = 0.0
@@ -92,8 +93,8 @@ class MatchTrainConfig:
     # SCAN
     embed: int = 1024
     word_dim: int = 300
-    direction: str = "t2i"
-    agg: str = "avg"
+    direction: Literal["t2i", "i2t"] = "t2i"
+    agg: Literal["avg", "lse"] = "avg"
     lambda_softmax: float | None = None
     lambda_lse: float | None = None
     vocab_min_count: int = 5
