@@ -325,3 +325,95 @@ def test_find_source_files_detects_formats(tmp_path):
         find_source_files(tmp_path / "nope")
     with pytest.raises(ValueError, match="unknown feature format 'hdf'"):
         find_source_files(tmp_path, "hdf")
+
+
+# ------------------------------------------------------------- MILVLG npz 'info' (issue 12 item 10)
+
+
+def _milvlg_npz(path, h, w, boxes, f, seed=0, attrs=True):
+    """A file as MILVLG's bottom-up-attention.pytorch writes it: np.savez_compressed(..., info=dict)."""
+    rng = np.random.default_rng(seed)
+    n = len(boxes)
+    info = {"image_id": path.stem, "image_h": h, "image_w": w, "num_boxes": n,
+            "objects_id": rng.integers(0, 1600, n), "objects_conf": rng.uniform(0.2, 1, n).astype(np.float32)}
+    if attrs:
+        info |= {"attrs_id": rng.integers(0, 400, n), "attrs_conf": rng.uniform(0, 1, n).astype(np.float32)}
+    np.savez_compressed(path, x=f, bbox=boxes, num_bbox=n, image_h=h, image_w=w, info=info)
+    return info
+
+
+def test_npz_info_labels_and_confidences_are_imported(dataset, tmp_path):
+    feats = make_features(seed=7)
+    src = tmp_path / "milvlg"
+    src.mkdir()
+    infos = {cid: _milvlg_npz(src / f"{cid}.npz", h, w, boxes, f, seed=k, attrs=k != 2)
+             for k, (cid, (h, w, boxes, f)) in enumerate(feats.items()) if k != 5}
+    np.savez(src / f"{COCO_IDS[5]}.npz", x=feats[COCO_IDS[5]][3], bbox=feats[COCO_IDS[5]][2])  # no info
+    url = str(tmp_path / "s.zarr")
+    report = import_features(dataset, src, url, block_size=4, regions=10, progress=False)
+    rows, attrs = store_rows(url)
+    assert_matches(rows, feats, regions=10)
+    for cid, info in infos.items():
+        _, n, _, labels, scores, _, _ = rows[str(cid)]
+        np.testing.assert_array_equal(labels[:n], info["objects_id"][:n])
+        np.testing.assert_allclose(scores[:n], info["objects_conf"][:n])
+    _, n, _, labels, scores, _, _ = rows[str(COCO_IDS[5])]
+    assert (labels[:n] == -1).all() and (scores[:n] == 0).all()
+    text = format_import_report(report)
+    assert "npz info keys not imported: attrs_conf, attrs_id, image_h, image_id, image_w, num_boxes" in text
+    assert "1 npz file(s) read without info['objects_id']" in text
+    assert any("info['objects_id']" in n for n in attrs["import_notes"])
+
+
+class _Hostile:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+class _HostileEval:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return eval, (f"open({str(self.marker)!r}, 'w')",)
+
+
+@pytest.mark.parametrize("payload", [_Hostile, _HostileEval])
+def test_hostile_npz_info_is_refused_and_never_runs(dataset, tmp_path, payload):
+    feats = make_features(seed=8)
+    src = tmp_path / "evil"
+    src.mkdir()
+    marker = tmp_path / "pwned"
+    for k, (cid, (h, w, boxes, f)) in enumerate(feats.items()):
+        if k == 5:  # one poisoned file (in the second block) among honest ones
+            info = {"objects_id": np.zeros(len(boxes), np.int64), "x": payload(marker)}
+            np.savez(src / f"{cid}.npz", x=f, bbox=boxes, num_bbox=len(boxes), info=np.array(info, dtype=object))
+        else:
+            _milvlg_npz(src / f"{cid}.npz", h, w, boxes, f)
+    url = str(tmp_path / "s.zarr")
+    with pytest.raises(FeatureImportError, match=rf"{COCO_IDS[5]}\.npz: the pickled 'info' entry was refused "
+                                                 r"\(it refers to (posix|os|nt|builtins)\.(system|eval)\)"):
+        import_features(dataset, src, url, block_size=4, regions=10, progress=False)
+    assert not marker.exists()
+    # the block before the poisoned row was written and stays (a rerun resumes once the file is fixed)
+    done = open_backend(url).read("images/done", slice(None))
+    assert done[:4].all() and not done[4:].any()
+
+
+def test_npz_info_that_is_not_plain_data_is_refused(tmp_path):
+    from vlcache.stages.extract.npz_info import InfoError, read_npz_info
+
+    np.savez(tmp_path / "a.npz", info=np.array({"objects_id": np.array([1, 2], dtype=object)}, dtype=object))
+    with np.load(tmp_path / "a.npz", allow_pickle=False) as z, pytest.raises(InfoError, match="not a dict of plain"):
+        read_npz_info(z)
+    np.savez(tmp_path / "b.npz", info=np.array([{"a": 1}, {"b": 2}], dtype=object))
+    with np.load(tmp_path / "b.npz", allow_pickle=False) as z, pytest.raises(InfoError, match="not a dict of plain"):
+        read_npz_info(z)
+    np.savez(tmp_path / "c.npz", info=np.array({"s": np.float32(2.5), "l": [1, "x", None]}, dtype=object))
+    with np.load(tmp_path / "c.npz", allow_pickle=False) as z:
+        assert read_npz_info(z) == {"s": 2.5, "l": [1, "x", None]}

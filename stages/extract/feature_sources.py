@@ -14,8 +14,11 @@ Supported source layouts (each as published):
   on tabs (generate_tsv writes no quoted fields and base64 holds no tabs), so csv's field size limit,
   which the published readers must raise, does not apply.
 * ``npz`` -- one ``<image>.npz`` per image with ``x`` (``num_bbox x D`` or ``D x num_bbox``; the
-  orientation is told by ``num_bbox``), ``bbox``, ``num_bbox``, ``image_h``, ``image_w``. Object arrays
-  (MILVLG's pickled ``info``) are never read: vlcache does not unpickle.
+  orientation is told by ``num_bbox``), ``bbox``, ``num_bbox``, ``image_h``, ``image_w``, and MILVLG's
+  ``info``: a pickled dict whose ``objects_id``/``objects_conf`` become the labels and scores. ``info`` is
+  read by :func:`.npz_info.read_npz_info`, a restricted unpickler that builds nothing but plain containers,
+  strings, numbers and numeric numpy arrays (any other global, e.g. ``os.system``, is refused before it
+  is called); its other keys (``attrs_id``, ``attrs_conf``, ``obj_cls_prob``, ...) are not imported.
 * ``scan`` -- SCAN's precomputed ``{split}_ims.npy`` ``(n, R, D)`` with ``{split}_ids.txt`` (one id per
   image, or the id repeated k times per image in consecutive lines). No boxes: boxes are stored as zeros
   and the store's config says ``boxes: unavailable (SCAN format)``.
@@ -40,6 +43,7 @@ from tqdm.auto import tqdm
 
 from ...pipeline.records import ImageRecord
 from ...storage.provenance import sha256_file
+from .npz_info import InfoError, read_npz_info
 
 FORMATS = ("tsv", "npz", "scan")
 _PATTERNS = {"tsv": re.compile(r"\.tsv(\.\d+)?$"), "npz": re.compile(r"\.npz$"), "scan": re.compile(r"_ims\.npy$")}
@@ -157,8 +161,12 @@ class TsvSource:
 class NpzSource:
     """A directory of per-image ``.npz`` files, named by image id."""
 
+    IMPORTED_INFO = ("objects_id", "objects_conf")
+
     def __init__(self, files: list[Path]):
         self.files = files
+        self.info_keys: set[str] = set()  # keys seen in the files' info dicts
+        self.unlabelled = 0  # files read without info['objects_id']
 
     def index(self, progress: bool):
         for k, path in enumerate(self.files):
@@ -177,6 +185,10 @@ class NpzSource:
                 hw = None
                 if "image_h" in z.files and "image_w" in z.files:
                     hw = (_int(z["image_h"], "image_h", where), _int(z["image_w"], "image_w", where))
+                try:
+                    info = read_npz_info(z) if "info" in z.files else {}
+                except InfoError as e:
+                    raise FeatureImportError(f"{where}: {e}") from None
         except (OSError, ValueError) as e:
             if isinstance(e, FeatureImportError):
                 raise
@@ -188,10 +200,25 @@ class NpzSource:
                 f"{where}: 'x' has shape {x.shape}; expected (num_bbox={n}, D) or (D, num_bbox={n})"
             )
         feats = x if x.shape[0] == n else x.T  # openvqa-style files store D x num_bbox
-        return SourceFeatures(boxes=bbox, feats=np.asarray(feats, dtype=np.float32), hw=hw), where
+        out = SourceFeatures(boxes=bbox, feats=np.asarray(feats, dtype=np.float32), hw=hw)
+        self.info_keys |= set(info)
+        self.unlabelled += "objects_id" not in info
+        if "objects_id" in info:
+            out.labels = _info_array(info, "objects_id", n, where).astype(np.int64)
+            out.scores = (_info_array(info, "objects_conf", n, where).astype(np.float32) if "objects_conf" in info
+                          else np.zeros(n, np.float32))
+        return out, where
 
     def close(self):
         pass
+
+
+def _info_array(info: dict, key: str, n: int, where: str) -> np.ndarray:
+    arr = np.asarray(info[key])
+    if arr.dtype.kind not in "biuf" or arr.shape != (n,):
+        raise FeatureImportError(f"{where}: info['{key}'] has shape {arr.shape} ({arr.dtype}); "
+                                 f"expected (num_bbox={n},) numbers")
+    return arr
 
 
 class ScanSource:

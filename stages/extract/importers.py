@@ -199,6 +199,9 @@ def import_features(
             config["tsv_columns"] = sorted(src.columns)
         if fmt == "scan":
             report.notes.append("boxes unavailable (SCAN format): regions/boxes are zeros")
+        if fmt == "npz":
+            report.notes.append("npz: region labels and scores come from info['objects_id'] and "
+                                "info['objects_conf'] (read with a restricted unpickler); no other info key")
         if matcher is not None and fmt == "tsv" and src.columns - {6}:
             report.notes.append("regions/labels are the source's class ids; attrs.classes are the matcher's")
         names = list(getattr(matcher, "class_names", None) or classes or [])
@@ -206,6 +209,8 @@ def import_features(
                            image_root=Path(dataset.image_root).resolve())
         attrs["import_notes"] = list(report.notes)
         _write(dataset, src, where_of, layout, attrs, report, matcher, overwrite, progress)
+        if fmt == "npz":
+            report.notes += _npz_notes(src)
     finally:
         src.close()
     report.seconds = time.perf_counter() - start
@@ -213,6 +218,18 @@ def import_features(
                              report.hw_mismatch)):
         _say(format_import_report(report))
     return report
+
+
+def _npz_notes(src: NpzSource) -> list[str]:
+    """What the npz files held that the store does not: info keys, and files without labels."""
+    notes = []
+    skipped = sorted(src.info_keys - set(NpzSource.IMPORTED_INFO))
+    if skipped:
+        notes.append(f"npz info keys not imported: {', '.join(skipped)}")
+    if src.unlabelled:
+        notes.append(f"{src.unlabelled} npz file(s) read without info['objects_id']: their regions have "
+                     "labels -1 and scores 0")
+    return notes
 
 
 def _row_output(feat: SourceFeatures, where: str, rec: ImageRecord, layout: Layout, report: ImportReport) -> RowOutput:
