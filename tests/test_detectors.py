@@ -103,6 +103,25 @@ def test_every_roi_comes_with_its_class_probabilities(tv_det, tv_out):
             assert np.abs(d.roi_scores[:, label] - score).min() < 1e-5
 
 
+def test_roi_features_are_the_box_head_representation_of_every_roi(images):
+    # region_source=detector ("FPN fc7"): the box head's output for every RoI, computed here independently
+    # with the model's own transform, backbone, RPN, RoI pooler and box head
+    torch.manual_seed(0)
+    det = DETECTORS.build("torchvision", weights="none", roi_features=True, **SMALL)
+    out = det.detect(images)
+    m = det.model
+    with torch.no_grad():
+        batch, _ = m.transform([to_chw_float(i) for i in images])
+        feats = m.backbone(batch.tensors)
+        props, _ = m.rpn(batch, feats)
+        ref = m.roi_heads.box_head(m.roi_heads.box_roi_pool(feats, props, batch.image_sizes))
+    assert det.roi_feature_dim == 1024 and det.config()["roi_feature_dim"] == 1024
+    got = np.concatenate([d.roi_feats for d in out])
+    assert got.shape == (sum(len(p) for p in props), 1024)
+    np.testing.assert_allclose(got, ref.numpy(), atol=1e-5)
+    assert all(d.roi_feats is None for d in DETECTORS.build("torchvision", weights="none", **SMALL).detect(images))
+
+
 def test_tensor_inputs_match_numpy_inputs(tv_det, tv_out, images):
     as_tensors = [torch.from_numpy(images[0]).permute(2, 0, 1), to_chw_float(images[1])]  # uint8 and float
     for d, ref in zip(tv_det.detect(as_tensors), tv_out):

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+import yaml
 from torchvision.ops import nms
 
 from vlcache.stages.extract import regions as regions_mod
@@ -172,3 +173,40 @@ def test_torchvision_regions_are_independent_of_max_instances():
     idx, boxes, labels, conf = select_regions(d, fixed=12)
     assert len(boxes) == 12 and (labels >= 0).all() and (conf > 0).all()
     np.testing.assert_array_equal(labels, d.roi_scores[idx].argmax(1))
+
+
+def test_region_features_from_the_detector_box_head_end_to_end(tmp_path):
+    # features.region_source=detector: the store holds the box head's 1024-d RoI representation, says so,
+    # and matching training builds its model from the store's dimension
+    from vlcache.pipeline.config import load_config
+    from vlcache.pipeline.datasets import load_dataset
+    from vlcache.pipeline.synth import generate
+    from vlcache.stages.extract.config import ExtractConfig
+    from vlcache.stages.extract.loop import extract
+    from vlcache.stages.extract.models import build_models
+    from vlcache.stages.train.match_train import MatchTrainConfig, train_match
+    from vlcache.storage.backends import open_backend
+
+    generate(tmp_path / "data", n_images=12, seed=0, size=(64, 64))
+    ds = load_dataset(tmp_path / "data" / "dataset_synth.json", instances=tmp_path / "data" / "instances.json")
+    sets = ["detector.weights=none", "detector.min_size=64", "detector.max_size=96", "detector.proposals=20",
+            "detector.max_instances=3", "groups=[regions]", "features.region_source=detector",
+            "features.min_regions=4", "features.max_regions=8", "block_size=4", "runtime.num_workers=0"]
+    url = str(tmp_path / "det.zarr")
+    summary = extract(ds, url, load_config(ExtractConfig, overrides=sets), progress=False)
+    assert summary.complete
+    with open_backend(url) as b:
+        feats, count, labels = (np.asarray(b.read(p, slice(None))) for p in
+                                ("regions/feats", "regions/count", "regions/labels"))
+        regions_attrs = b.attr("models")["regions"]
+    assert feats.shape == (12, 8, 1024) and ((count >= 4) & (count <= 8)).all()
+    assert all((labels[i, : count[i]] >= 0).all() for i in range(12))  # every region is a scored RoI
+    assert regions_attrs["feature_dim"] == 1024 and regions_attrs["feature_source"].startswith("detector box head")
+    cfg = MatchTrainConfig(model="scan", store=url, epochs=1, batch_size=4, max_steps=1, val_split="train",
+                           embed=16, word_dim=16, vocab_min_count=1, device="cpu")
+    train_match(cfg, tmp_path / "run")
+    run_cfg = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert run_cfg["region_dim"] == 1024 and run_cfg["model_args"]["region_dim"] == 1024
+    # the annotations backend has no box head to take features from: a clear error, before anything runs
+    with pytest.raises(ValueError, match="region_source=detector needs a detector that gives its box head"):
+        build_models(load_config(ExtractConfig, overrides=sets + ["detector.backend=annotations"]), ds)

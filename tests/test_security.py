@@ -122,6 +122,13 @@ def test_no_pickle_anywhere_in_the_package_source():
     assert {"cli.py", "storage/writer.py", "pipeline/runs.py", "bench/stream.py"} <= rel, sorted(rel)[:20]
     assert not any(r.startswith(("tests/", ".venv/")) for r in rel)
     hazards = [h for p in files for h in pickle_hazards(p.read_text(), str(p.relative_to(ROOT)))]
+    # the one audited exception: MILVLG npz 'info' through an Unpickler whose find_class admits only numpy's
+    # array builders (tests/test_importers.py feeds it hostile files); it never calls pickle.load(s)
+    audited = (ROOT / "stages/extract/npz_info.py").read_text()
+    assert "def find_class" in audited and "pickle.load(" not in audited and "pickle.loads(" not in audited
+    audited_import = [h for h in hazards if h.startswith("stages/extract/npz_info.py:") and h.endswith(": imports pickle")]
+    assert len(audited_import) == 1, audited_import  # the checker sees it
+    hazards.remove(audited_import[0])
     notebooks = package_sources(".ipynb")  # the examples users copy from
     assert notebooks, "no example notebook found"
     hazards += [h for p in notebooks for h in pickle_hazards(notebook_code(p), str(p.relative_to(ROOT)))]

@@ -40,6 +40,9 @@ class FeatureConfig:
     # butd: C5 of a pass at shorter side region_min_size, longer <= region_max_size, aspect kept (BUTD's
     # test scale) | square: pooled from the grid's input_size^2 pass (cheaper)
     region_scale: Literal["butd", "square"] = "butd"
+    # backbone: RoIAlign on the C5 of the backbone above (2048-d for ResNet-50/101) | detector: the
+    # detector's box-head representation of each region ("FPN fc7", 1024-d for torchvision)
+    region_source: Literal["backbone", "detector"] = "backbone"
     region_min_size: int = 600
     region_max_size: int = 1000
     fixed_regions: int = 36

@@ -235,7 +235,7 @@ class TorchvisionDetector:
     def __init__(self, arch: str = "v2", weights: str = "DEFAULT", score_threshold: float = 0.05,
                  max_instances: int = 32, min_size: int = 800, max_size: int = 1333, nms_iou: float = 0.5,
                  proposals: int = 1000, device: str = "cpu", amp: bool = True,
-                 class_names: Sequence[str] | None = None):
+                 class_names: Sequence[str] | None = None, roi_features: bool = False):
         from torchvision.models import detection as tvd
 
         builders = {"v2": (tvd.maskrcnn_resnet50_fpn_v2, tvd.MaskRCNN_ResNet50_FPN_V2_Weights),
@@ -288,6 +288,9 @@ class TorchvisionDetector:
         else:
             raise DetectorError(f"{weights}: {num_classes}-class checkpoint; pass class_names (without background)")
         self.model = model.eval().to(self.device)
+        # the box head's representation of a RoI (TwoMLPHead fc7 / ConvFC head output), kept on request
+        self.roi_features = bool(roi_features)
+        self.roi_feature_dim = model.roi_heads.box_predictor.cls_score.in_features
 
     def config(self) -> dict[str, Any]:
         import torchvision
@@ -296,6 +299,7 @@ class TorchvisionDetector:
         return {"backend": "torchvision", "arch": arch,
                 "weights_id": self.weights_id, "weights_sha256": self.weights_sha256, **self.opts,
                 "mask_size": MASK_SIZE, "num_classes": len(self.class_names), "amp": self.amp,
+                "roi_features": self.roi_features, "roi_feature_dim": self.roi_feature_dim,
                 "torchvision": torchvision.__version__}
 
     def _rpn(self, images, features) -> tuple[list[Tensor], list[Tensor]]:
@@ -323,11 +327,11 @@ class TorchvisionDetector:
             batch, _ = m.transform(tensors)
             features = m.backbone(batch.tensors)
             proposals, prop_scores = self._rpn(batch, features)
-            results, class_probs = self._roi_heads(features, proposals, batch.image_sizes)
+            results, class_probs, box_feats = self._roi_heads(features, proposals, batch.image_sizes)
         columns = torch.from_numpy(np.flatnonzero(self._lut >= 0))  # foreground classes, in class_names order
         out = []
-        for res, props, pscores, probs, in_size, size in zip(results, proposals, prop_scores, class_probs,
-                                                             batch.image_sizes, sizes):
+        for res, props, pscores, probs, feats, in_size, size in zip(results, proposals, prop_scores, class_probs,
+                                                                    box_feats, batch.image_sizes, sizes):
             labels = torch.as_tensor(self._lut)[res["labels"].cpu()]
             keep = labels >= 0  # drops COCO 'N/A' ids (never trained; random weights can emit them)
             roi_boxes = resize_boxes(props.float(), in_size, size)
@@ -337,12 +341,14 @@ class TorchvisionDetector:
                 masks=res["masks"][:, 0].float().cpu()[keep], image_size=size,
                 proposals=roi_boxes, proposal_scores=pscores.float(),
                 roi_boxes=roi_boxes, roi_scores=probs.float().cpu()[:, columns],
+                roi_feats=feats.float().cpu() if self.roi_features else None,
             ))
         return out
 
-    def _roi_heads(self, features, proposals, image_sizes) -> tuple[list[dict], list[Tensor]]:
+    def _roi_heads(self, features, proposals, image_sizes) -> tuple[list[dict], list[Tensor], list[Tensor]]:
         """``RoIHeads.forward`` at test time, step by step, also returning every proposal's class
-        probabilities (softmax over background + classes), which BUTD region selection needs."""
+        probabilities (softmax over background + classes), which BUTD region selection needs, and its
+        box-head representation (the input of the class/box predictor)."""
         from torchvision.models.detection.roi_heads import maskrcnn_inference
 
         h = self.model.roi_heads
@@ -353,8 +359,9 @@ class TorchvisionDetector:
         mask_logits = h.mask_predictor(h.mask_head(h.mask_roi_pool(features, boxes, image_sizes)))
         for res, probs in zip(results, maskrcnn_inference(mask_logits, labels)):
             res["masks"] = probs
-        class_probs = torch.softmax(class_logits.float(), -1).split([len(p) for p in proposals])
-        return results, list(class_probs)
+        counts = [len(p) for p in proposals]
+        class_probs = torch.softmax(class_logits.float(), -1).split(counts)
+        return results, list(class_probs), list(box_features.split(counts))
 
 
 # The other backends live in their own module; importing it here registers them and keeps the names

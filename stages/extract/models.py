@@ -33,7 +33,8 @@ class ExtractionModels:
     @property
     def dims(self) -> dict:
         width = self.extractor.channels if self.extractor is not None else 2048
-        return {"region_dim": width, "grid_dim": width}
+        from_detector = self.cfg.features.region_source == "detector" and self.detector is not None
+        return {"region_dim": self.detector.roi_feature_dim if from_detector else width, "grid_dim": width}
 
     def describe(self) -> dict:
         return {
@@ -49,9 +50,13 @@ class ExtractionModels:
                  else f"adaptive: conf >= {f.region_conf}, {f.min_regions}..{f.max_regions}")
         scale = (f"butd: shorter side {f.region_min_size}, longer <= {f.region_max_size}, aspect kept"
                  if f.region_scale == "butd" else f"square {f.input_size}x{f.input_size} (the grid pass)")
+        source = (f"detector box head ({self.dims['region_dim']}-d representation of each RoI)"
+                  if f.region_source == "detector"
+                  else f"{f.backbone} C5, RoIAlign 7x7, mean-pooled ({self.dims['region_dim']}-d)")
         return {"selection": "BUTD generate_tsv.py: RoIs scored by the box head, per-class NMS 0.3, "
                              "confidence = max kept class score; label = arg-max class",
-                "count": count, "feature_scale": scale}
+                "count": count, "feature_source": source, "feature_dim": self.dims["region_dim"],
+                "feature_scale": scale if f.region_source == "backbone" else "the detector's input"}
 
     @torch.inference_mode()
     def run(self, images: list[np.ndarray], records: list[ImageRecord]) -> list[RowOutput]:
@@ -65,10 +70,12 @@ class ExtractionModels:
             if "instances" in groups:
                 for out, d in zip(outs, dets):
                     out.inst_boxes, out.inst_labels, out.inst_scores, out.inst_masks = d.boxes, d.labels, d.scores, d.masks
+        if "regions" in groups and f.region_source == "detector":
+            self._regions(images, records, dets, None, outs)
         if self.extractor is None:
             return outs
         square = None
-        if "grid" in groups or f.region_scale == "square":
+        if "grid" in groups or (f.region_scale == "square" and f.region_source == "backbone"):
             square = self._timed_c5(self.extractor.prepare(images))
         t = time.perf_counter()
         if "grid" in groups:
@@ -76,7 +83,7 @@ class ExtractionModels:
             for k, (out, rec) in enumerate(zip(outs, records)):
                 out.grid_feats = to_float16_checked(grid[k], f"grid features of image {rec.id} ({rec.path})")
         self.seconds["post"] += time.perf_counter() - t
-        if "regions" in groups and dets is not None:
+        if "regions" in groups and f.region_source == "backbone":
             self._regions(images, records, dets, square, outs)
         return outs
 
@@ -98,7 +105,9 @@ class ExtractionModels:
         chosen = [select_regions(d, conf=f.region_conf, min_regions=f.min_regions, max_regions=f.max_regions,
                                  fixed=fixed) for d in dets]
         sizes = [img.shape[:2] for img in images]
-        if f.region_scale == "square":
+        if f.region_source == "detector":  # the box head's representation of each chosen RoI
+            feats = [d.roi_feats[c[0]] for d, c in zip(dets, chosen)]
+        elif f.region_scale == "square":
             feats = region_features(square, [c[1] for c in chosen], sizes, self.extractor.input_size)
         else:  # BUTD's test scale: one image at a time, as generate_tsv.py
             feats = []
@@ -156,14 +165,18 @@ def _build_models(cfg: ExtractConfig, dataset: Dataset, class_words: str | Path 
             detector = DETECTORS.build("torchvision", arch=d.arch, weights=d.weights,
                                        score_threshold=d.score_threshold, max_instances=d.max_instances,
                                        min_size=d.min_size, max_size=d.max_size, proposals=d.proposals,
-                                       device=device, amp=cfg.runtime.amp)
+                                       device=device, amp=cfg.runtime.amp,
+                                       roi_features="regions" in groups and f.region_source == "detector")
         else:
             detector = DETECTORS.build(d.backend, config=d.config_file, weights=d.weights,
                                        score_threshold=d.score_threshold, max_instances=d.max_instances,
                                        min_size=d.min_size, max_size=d.max_size, proposals=d.proposals,
                                        device=device, amp=cfg.runtime.amp)
+    if "regions" in groups and f.region_source == "detector" and not getattr(detector, "roi_features", False):
+        raise ValueError(f"features.region_source=detector needs a detector that gives its box head's RoI "
+                         f"features (torchvision); detector.backend={d.backend} does not")
     extractor = None
-    if groups & {"grid", "regions"}:
+    if "grid" in groups or ("regions" in groups and f.region_source == "backbone"):
         extractor = FeatureExtractor(weights=f.weights, input_size=f.input_size, backbone=f.backbone).to(device)
     class_names = list(detector.class_names) if detector is not None else list(dataset.classes or [])
     matcher, source = None, "none"
