@@ -43,8 +43,8 @@ def extract_demo_store(out: Path, n_images: int, device: str) -> tuple[str, Path
     cfg = load_config(ExtractConfig, overrides=[
         "detector.backend=annotations", f"features.weights={weights}", "features.input_size=192",
         "features.grid_size=6", "features.max_regions=16", "features.min_regions=4", "block_size=32",
-        # toy 128-px images: regions pooled at 192 px (a 6x6 C5, as the grid), not upscaled to BUTD's 600
-        "features.region_min_size=192", "features.region_max_size=320",
+        # toy 128-px square images: regions pooled from the grid's 192x192 pass (no second backbone pass)
+        "features.region_scale=square",
         f"runtime.device={device}", "runtime.batch_size=8", "runtime.num_workers=1",
     ])
     url = str(out / "store.zarr")
