@@ -457,12 +457,13 @@ def evaluate_match_cmd(
     entities: Optional[Path] = typer.Option(None, help="Flickr30k Entities directory (Annotations/, Sentences/).",
                                             show_default="none"),
     figures: int = typer.Option(6, help="Attention figures to draw."),
+    protocol: str = typer.Option("auto", help="auto | coco (1K folds + 5K; needs a 5,000-image split) | full."),
 ):
     """R@1/5/10 both ways, rsum (COCO 1K/5K, Flickr 1K), attention P/R/F1, figures, report.md."""
     _check_run(run, "match")
     from .stages.train.match_eval import evaluate_match
 
-    scores = evaluate_match(run, split, rerank_top=rerank_top, entities=entities, figures=figures)
+    scores = evaluate_match(run, split, rerank_top=rerank_top, entities=entities, figures=figures, protocol=protocol)
     typer.echo(json.dumps(scores, indent=2, default=str))
     typer.echo(f"report: {run / 'report.md'}")
 

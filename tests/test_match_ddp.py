@@ -108,9 +108,10 @@ def check_run(run_dir, ranks: list[dict], k: int, steps: int) -> RunDir:
 
 def test_scan_trains_on_two_ranks_and_a_mid_epoch_stop_needs_two_ranks_to_resume(tmp_path):
     url = make_synth_store()[0]
-    # 40 training images over 2 ranks: 20 each, batches of 10 -> 2 steps per epoch; stop in epoch 2
-    cfg = dict(model="scan", store=url, epochs=2, batch_size=10, embed=32, word_dim=32, vocab_min_count=1,
-               lr=1e-3, device="cpu", log_every=1, val_max_images=4, max_steps=3)
+    # 40 training images over 2 ranks: 20 each, batches of 10 images (one caption each) -> 2 steps per epoch;
+    # stop in epoch 2
+    cfg = dict(model="scan", store=url, epochs=2, batch_size=10, captions="one", embed=32, word_dim=32,
+               vocab_min_count=1, lr=1e-3, device="cpu", log_every=1, val_max_images=4, max_steps=3)
     ranks = run_torchrun(tmp_path, [[str(tmp_path / "scan"), cfg]])
     run = check_run(tmp_path / "scan", ranks, 0, 3)
     assert [r["epoch"] for r in run.metrics() if "val_rsum" in r] == [0]  # validated once, by rank 0
@@ -121,8 +122,8 @@ def test_scan_trains_on_two_ranks_and_a_mid_epoch_stop_needs_two_ranks_to_resume
 
 
 def test_slan_queue_gathers_every_rank_and_frozen_boxes_run_under_ddp(grid7, cache, tmp_path):
-    # 2 steps per rank, 10 pairs per rank and step: 40 pairs enqueued into 32 slots on every rank
-    cfg = dict(store=grid7, text_cache=cache, epochs=1, batch_size=10, lr=1e-3, **SLAN)
+    # 2 steps per rank (caption-level epoch, stopped), 10 pairs per rank and step: 40 pairs enqueued into 32 slots
+    cfg = dict(store=grid7, text_cache=cache, epochs=1, batch_size=10, lr=1e-3, max_steps=2, **SLAN)
     # slan_levels=0 leaves (empty) per-level parameters without gradient: DDP must be told to look for them,
     # else it raises at the 2nd step; after one step (this run) the replicas silently differ (param_sum)
     frozen = {**cfg, "slan_levels": 0, "max_steps": 1}

@@ -145,11 +145,11 @@ def one_thread():
 
 def test_resume_mid_epoch_equals_uninterrupted(synth, cache, tmp_path, one_thread):
     # MMCA has dropout (global RNG) and CCS draws derangements (its own generator): both must resume.
-    cfg = MatchTrainConfig(model="mmca", store=synth, text_cache=cache, epochs=2, batch_size=8, ccs=1.0, ccr=0.5,
+    cfg = MatchTrainConfig(model="mmca", store=synth, text_cache=cache, epochs=2, batch_size=40, ccs=1.0, ccr=0.5,
                            val_max_images=4, **TINY)
     full = train_match(cfg, tmp_path / "full")
     part = train_match(MatchTrainConfig(**{**cfg.__dict__, "max_steps": 3}), tmp_path / "part")
-    assert part["stopped"] and part["step"] == 3 and part["epochs_completed"] == 0  # 5 batches per epoch
+    assert part["stopped"] and part["step"] == 3 and part["epochs_completed"] == 0  # 200 captions: 5 batches an epoch
     done = train_match(cfg, tmp_path / "part")
     assert done["step"] == full["step"] == 10 and not done["stopped"]
     a = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=True)

@@ -45,8 +45,9 @@ def chance_rsum(n: int, c: int = 5) -> float:
 @pytest.fixture(scope="module")
 def slan_run(synth, cache, tmp_path_factory):
     run = tmp_path_factory.mktemp("runs") / "slan"
+    # one caption per image per epoch: 4 steps an epoch (caption-level epochs would take 5x the CPU)
     cfg = MatchTrainConfig(store=synth, text_cache=cache, epochs=3, batch_size=10, lr=1e-3, val_split="train",
-                           val_max_images=20, **TINY)
+                           val_max_images=20, captions="one", **TINY)
     return run, cfg, train_match(cfg, run)
 
 
@@ -157,12 +158,13 @@ def one_thread():
 
 
 def test_resume_mid_epoch_restores_the_queue_and_equals_uninterrupted(synth, cache, tmp_path, one_thread):
-    cfg = MatchTrainConfig(store=synth, text_cache=cache, epochs=2, batch_size=8, val_max_images=2, **TINY)
+    # caption-level epochs: 200 captions, 5 batches of 40 an epoch
+    cfg = MatchTrainConfig(store=synth, text_cache=cache, epochs=2, batch_size=40, val_max_images=2, **TINY)
     full = train_match(cfg, tmp_path / "full")
     part = train_match(MatchTrainConfig(**{**cfg.__dict__, "max_steps": 3}), tmp_path / "part")
     assert part["stopped"] and part["step"] == 3
     q = torch.load(tmp_path / "part" / "checkpoints" / "last.pt", weights_only=True)["model"]
-    assert int(q["net.queue.filled"]) == 16 and int(q["net.queue.ptr"]) == 24 % 16  # 3 steps x 8 pairs, wrapped
+    assert int(q["net.queue.filled"]) == 16 and int(q["net.queue.ptr"]) == 120 % 16  # 3 steps x 40 pairs, wrapped
     assert (q["net.queue.ids"] >= 0).all() and q["net.queue.txt"].norm(dim=1).allclose(torch.ones(16))
     done = train_match(cfg, tmp_path / "part")
     assert done["step"] == full["step"] == 10
@@ -180,7 +182,7 @@ def test_slan_ablation_writes_a_table(synth, cache, tmp_path):
                                                                                  "slan_threshold": None}}
     res = run_slan_ablation(synth, seeds=1, runs_root=tmp_path, variants=variants, figures=0,
                             options={"text_cache": cache, "d": 16, "slan_regions": 4, "val_max_images": 2},
-                            overrides=["epochs=1", "batch_size=10"])
+                            overrides=["epochs=1", "batch_size=10", "captions=one"])
     assert [r["variant"] for r in res["rows"]] == list(variants) and res["config"]["model"] == "slan"
     assert res["config"]["epochs"] == 1 and res["config"]["slan_samples"] == 1  # ablation default kept
     md = (tmp_path / "slan-ablation" / "ablation.md").read_text()

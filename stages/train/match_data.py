@@ -15,10 +15,11 @@ A batch is a dict of tensors built in the DataLoader worker from one :class:`Sto
   positions (its Karpathy tokens for SCAN; its BERT word pieces via character offsets for MMCA/SLAN; rows
   sum to 1), and region labels ``match_labels (n, R)`` with ``match_has_ref (n,)``.
 
-Captions per step (``captions``): ``"one"`` (default) pairs each image with one of its captions, drawn
-by a hash of (seed, epoch, row), so every epoch sees a different but reproducible caption and a batch
-holds B distinct images (the hardest negative is always another image); ``"all"`` pairs each image with
-all its captions (P = sum of counts; the loss then treats same-image pairs as non-negatives).
+Captions per step (``captions``): ``"each"`` (default; SCAN/VSE++) makes an epoch every caption of the
+split once, shuffled at caption level within windows of blocks (``caption_sampler``): a batch is B
+(caption, image) pairs, and two captions of one image may share a batch. ``"one"`` pairs each image with
+one of its captions, drawn by a hash of (seed, epoch, row), so an epoch is one caption per image and a
+batch holds B distinct images; ``"all"`` pairs each image with all its captions (P = sum of counts).
 
 Region labels (METHODS §8 pseudo reference, §2 non-empty rule): the word's merged mask is the union of
 the instances of its class with score >= ``score_threshold`` (pasted at image resolution); a region is
@@ -39,6 +40,7 @@ from ...storage.backends import open_backend
 from ...storage.errors import StoreError
 from ...storage.masks import paste_convention, paste_masks, region_inside_fraction
 from ...storage.streaming import BlockSampler, StoreBatchDataset
+from .caption_sampler import CaptionBatchSampler
 from .ica import region_labels
 from .text_encoders import char_span_to_token_mask
 
@@ -48,6 +50,7 @@ MATCH_FIELDS = ["matches/count", "matches/span", "matches/label"]
 INSTANCE_FIELDS = ["instances/count", "instances/labels", "instances/scores", "instances/boxes", "instances/masks"]
 CACHE_FIELDS = ["text/hidden", "text/mask", "text/offsets"]
 KINDS = ("scan", "mmca", "slan")
+CAPTION_MODES = ("each", "one", "all")  # captions per epoch/step (module doc)
 BERT_KINDS = ("mmca", "slan")  # text from BERT (cache or online)
 TEXT_KEYS = ("tokens", "lengths", "words", "word_mask", "offsets")  # per-caption text tensors of a batch
 IMAGE_KEYS = ("rows", "regions", "grid", "region_mask", "region_boxes", "hw")  # per-image tensors of a batch
@@ -119,8 +122,9 @@ def resolve_positions(batch: dict, kind: str) -> dict:
 
 def build_batch(b: dict, cache: dict | None, *, kind: str, epoch: int = 0, seed: int = 0, captions: str = "one",
                 vocab=None, score_threshold: float = 0.5, inside_threshold: float = 0.5,
-                url: str = "?", mask_paste: str = "torchvision") -> dict:
-    """Turn one store read ``b`` (and the row-aligned cache read) into a matching batch (module doc)."""
+                url: str = "?", mask_paste: str = "torchvision", pairs: np.ndarray | None = None) -> dict:
+    """Turn one store read ``b`` (and the row-aligned cache read) into a matching batch (module doc).
+    ``pairs (P, 2)``: explicit (store row, caption) pairs (``captions="each"``) instead of ``captions``."""
     feat_key = "grid/feats" if kind == "slan" else "regions/feats"
     feats = b[feat_key]  # kept as is: a worker's shared-memory tensor is sent without a copy
     b = {k: (v.numpy() if torch.is_tensor(v) else v) for k, v in b.items()}
@@ -135,14 +139,22 @@ def build_batch(b: dict, cache: dict | None, *, kind: str, epoch: int = 0, seed:
             i = int(np.flatnonzero(cnt == 0)[0])
             raise StoreError(f"store {url}: row {int(rows[i])} (image id {ids[i]!r}) has no {what}")
     B, R = b["regions/boxes"].shape[:2]
-    if captions == "one":
+    if pairs is not None:
+        by_row = np.argsort(rows)  # the read orders rows by block: find each pair's image in it
+        txt_img = by_row[np.searchsorted(rows, pairs[:, 0], sorter=by_row)]
+        cap = np.asarray(pairs[:, 1], np.int64)
+        if (cap >= ncap[txt_img]).any():
+            j = int(np.flatnonzero(cap >= ncap[txt_img])[0])
+            raise StoreError(f"store {url}: row {int(pairs[j, 0])} has {int(ncap[txt_img[j]])} captions, "
+                             f"caption {int(cap[j])} asked for")
+    elif captions == "one":
         txt_img = np.arange(B)
         cap = caption_choice(rows, ncap, epoch, seed)
-    elif captions == "all":
+    elif captions in ("all", "each"):  # "each" without explicit pairs: every caption of these rows
         txt_img = np.repeat(np.arange(B), ncap)
         cap = np.concatenate([np.arange(c) for c in ncap])
     else:
-        raise ValueError(f"captions must be 'one' or 'all', got {captions!r}")
+        raise ValueError(f"captions must be one of {CAPTION_MODES}, got {captions!r}")
     out = {
         "rows": torch.from_numpy(rows.astype(np.int64)),
         "grid" if kind == "slan" else "regions":
@@ -224,6 +236,8 @@ class MatchDataset(Dataset):
                  inside_threshold: float = 0.5, cache_blocks: int = 4, storage_options: dict | None = None):
         if kind not in KINDS:
             raise ValueError(f"model kind must be one of {KINDS}, got {kind!r}")
+        if captions not in CAPTION_MODES:
+            raise ValueError(f"captions must be one of {CAPTION_MODES}, got {captions!r}")
         with open_backend(str(store), "r", storage_options=storage_options) as be:
             groups = be.layout.groups
             self.mask_paste = paste_convention(be.attrs())
@@ -259,8 +273,18 @@ class MatchDataset(Dataset):
     def __len__(self) -> int:
         return len(self.main)
 
+    def caption_counts(self) -> np.ndarray:
+        """``captions/count`` of every row of the dataset (one int each: what caption-level epochs expand)."""
+        with open_backend(self.url, "r") as be:
+            return np.asarray(be.read("captions/count", self.rows)).astype(np.int64)
+
     def __getitem__(self, key) -> dict:
+        """``ds[rows]``, ``ds[(epoch, rows)]`` or ``ds[(epoch, pairs (n, 2))]`` (row, caption) pairs."""
         epoch, rows = key if isinstance(key, tuple) else (0, key)
+        pairs = None
+        if np.ndim(rows) == 2:
+            pairs = np.asarray(rows, np.int64)
+            rows = np.unique(pairs[:, 0])
         b = self.main[rows]
         c = None
         if self.cache is not None:
@@ -269,7 +293,8 @@ class MatchDataset(Dataset):
                 raise StoreError(f"text cache and store {self.url} disagree on image ids of rows {list(rows)[:5]}")
         return build_batch(b, c, kind=self.kind, epoch=epoch, seed=self.seed, captions=self.captions,
                            vocab=self.vocab, score_threshold=self.score_threshold,
-                           inside_threshold=self.inside_threshold, url=self.url, mask_paste=self.mask_paste)
+                           inside_threshold=self.inside_threshold, url=self.url, mask_paste=self.mask_paste,
+                           pairs=pairs)
 
 
 class EpochBatchSampler:
@@ -293,15 +318,19 @@ def _identity(x):
 
 def match_loader(ds: MatchDataset, batch_size: int, *, shuffle: bool = True, seed: int = 0,
                  window_blocks: int = 4, rank: int = 0, world_size: int = 1, drop_last: bool = False,
-                 num_workers: int = 0) -> tuple[DataLoader, BlockSampler]:
-    """DataLoader of matching batches and its :class:`BlockSampler` (``set_epoch``, ``state_dict`` for
-    mid-epoch resume as in :func:`~vlcache.storage.streaming.stream_loader`)."""
+                 num_workers: int = 0) -> tuple[DataLoader, BlockSampler | CaptionBatchSampler]:
+    """DataLoader of matching batches and its sampler (``set_epoch``, ``state_dict`` for mid-epoch resume
+    as in :func:`~vlcache.storage.streaming.stream_loader`): a :class:`CaptionBatchSampler` when
+    ``ds.captions == "each"`` (positions count captions), else the :class:`BlockSampler` (rows)."""
     lanes = max(1, num_workers)  # each worker reads its own windows' blocks (BlockSampler lanes)
     sampler = ds.main.sampler(shuffle=shuffle, seed=seed, window_blocks=window_blocks, rank=rank,
                               world_size=world_size, drop_last=drop_last, lanes=lanes,
                               batch_size=batch_size if lanes > 1 else None)
     # Its own generator: creating an iterator must not draw from the global RNG (resume determinism).
-    loader = DataLoader(ds, batch_size=None, sampler=EpochBatchSampler(sampler, batch_size, drop_last),
+    batches = EpochBatchSampler(sampler, batch_size, drop_last)
+    if ds.captions == "each":
+        sampler = batches = CaptionBatchSampler(sampler, ds.caption_counts(), batch_size, drop_last)
+    loader = DataLoader(ds, batch_size=None, sampler=batches,
                         num_workers=num_workers, collate_fn=_identity, persistent_workers=num_workers > 0,
                         generator=torch.Generator().manual_seed(seed))
     return loader, sampler

@@ -3,8 +3,9 @@ SLAN box localisation before/after adaptation (§9).
 
 ``evaluate_match(run_dir, split)`` scores every (image, caption) pair of the split with the run's model:
 
-- protocol: COCO 1K (mean of 5 folds of 1000 images) + 5K when the split has >= 5000 images (a multiple
-  of 1000), else the whole split (Flickr30k's 1K test protocol);
+- protocol (``protocol_metrics``): COCO 1K (mean of 5 folds of 1000 images) + 5K on a 5,000-image split,
+  else the whole split (Flickr30k's 1K test protocol) with a note saying COCO 1K/5K was not applied;
+  asking for ``"coco"`` on another size is an error;
 - MMCA: exact S for all pairs (one cross pass each, batched), and with ``rerank_top=K`` also
   shortlist-and-rerank, with its distance from exact (``retrieval.rerank_report``) and speed-up;
 - attention precision/recall/F1 of the word->region attention of matched (image, own caption) pairs:
@@ -42,13 +43,37 @@ from .match_train import TextEncoder, load_match_run, make_dataset, similarity
 from .retrieval import coco_1k_5k, recall_at_k, rerank_report
 
 
-def protocol_metrics(sim, txt_img, sim_t2i=None) -> dict:
-    """``{"protocol": "coco", "1k", "5k", "folds"}`` for >= 5000 images (multiple of 1000), else
-    ``{"protocol": "full", "full": recall_at_k}``."""
+PROTOCOLS = ("auto", "coco", "full")
+COCO_TEST_IMAGES = 5000
+
+
+def check_protocol(protocol: str, n_images: int) -> None:
+    """A clear error for an unknown protocol, or COCO 1K/5K asked of a split that is not 5,000 images."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    if protocol == "coco" and n_images != COCO_TEST_IMAGES:
+        raise ValueError(f"protocol 'coco' (1K = 5 folds of 1,000 images, 5K) needs the {COCO_TEST_IMAGES:,}-image "
+                         f"test split; this split has {n_images:,} images (protocol 'full' scores all its pairs)")
+
+
+def protocol_metrics(sim, txt_img, sim_t2i=None, protocol: str = "auto") -> dict:
+    """Retrieval metrics under an evaluation protocol (METHODS §10).
+
+    ``"coco"``: COCO 1K (mean of 5 folds of 1000 images) and 5K, ``{"protocol": "coco", "1k", "5k",
+    "folds"}``; it needs the 5,000-image test split, and any other size is an error (never a silent
+    substitute). ``"full"``: every pair of the split, ``{"protocol": "full", "full": recall_at_k}`` (Flickr30k's
+    1K test protocol on its 1,000 test images). ``"auto"``: COCO for exactly 5,000 images, else full, and
+    then ``protocol_note`` says that COCO 1K/5K was not applied and why.
+    """
     n = sim.shape[0]
-    if n >= 5000 and n % 1000 == 0:
+    check_protocol(protocol, n)
+    if protocol != "full" and n == COCO_TEST_IMAGES:
         return {"protocol": "coco", **coco_1k_5k(sim, txt_img, sim_t2i=sim_t2i)}
-    return {"protocol": "full", "full": recall_at_k(sim, txt_img, sim_t2i=sim_t2i)}
+    out = {"protocol": "full", "full": recall_at_k(sim, txt_img, sim_t2i=sim_t2i)}
+    if protocol == "auto":
+        out["protocol_note"] = (f"COCO 1K/5K not applied: the split has {n:,} images, not {COCO_TEST_IMAGES:,}; "
+                                f"recalls are over all {n:,} images and their captions")
+    return out
 
 
 def headline(metrics: dict) -> dict:
@@ -78,9 +103,11 @@ def _prf(weights: torch.Tensor, reference: torch.Tensor) -> dict:
 
 def evaluate_match(run_dir, split: str = "test", rerank_top: int | None = None, entities=None, figures: int = 6,
                    *, device: str | None = None, store: str | None = None, image_root=None,
-                   checkpoint: str = "best") -> dict:
+                   checkpoint: str = "best", protocol: str = "auto") -> dict:
     """Evaluate the run in ``run_dir`` on ``split`` of its store; returns the scores (also written to
-    ``eval/`` and ``report.md``). ``store``: a moved copy of the run's store (same fingerprint)."""
+    ``eval/`` and ``report.md``). ``store``: a moved copy of the run's store (same fingerprint).
+    ``protocol``: see :func:`protocol_metrics` (checked before anything is scored)."""
+    check_protocol(protocol, COCO_TEST_IMAGES)  # the name only; the size once the split is read
     started = time.time()
     run = RunDir(run_dir)
     dev = resolve_device(device or "auto")
@@ -90,6 +117,7 @@ def evaluate_match(run_dir, split: str = "test", rerank_top: int | None = None, 
     fp = store_fingerprint(url)
     store_notes = check_run_store(run.path, config, url, fp)  # also says when it was a partial store
     data = load_split(make_dataset(cfg, split, vocab, "all", True, store=url))
+    check_protocol(protocol, len(data["rows"]))  # before the (long) scoring
     if cfg.model in ("mmca", "slan") and "words" not in data:
         data = TextEncoder(cfg.bert, cfg.text_len, dev)(data)
     notes = list(store_notes)
@@ -97,7 +125,9 @@ def evaluate_match(run_dir, split: str = "test", rerank_top: int | None = None, 
     exact = similarity(net, data, dev)
     exact_s = time.time() - t0
     n_img, n_txt = exact["sim"].shape
-    metrics = protocol_metrics(exact["sim"], data["txt_img"])
+    metrics = protocol_metrics(exact["sim"], data["txt_img"], protocol=protocol)
+    if "protocol_note" in metrics:
+        notes.append(metrics["protocol_note"])
     scores = {"split": split, "model": cfg.model, "n_images": n_img, "n_captions": n_txt, "retrieval": metrics,
               **{k: v for k, v in headline(metrics).items()},
               "scoring_seconds": round(exact_s, 3), "pairs_per_second": round(n_img * n_txt / max(exact_s, 1e-9), 1)}
@@ -109,7 +139,7 @@ def evaluate_match(run_dir, split: str = "test", rerank_top: int | None = None, 
             t0 = time.time()
             rr = similarity(net, data, dev, rerank_top=rerank_top)
             rr_s = time.time() - t0
-            rmetrics = protocol_metrics(rr["sim"], data["txt_img"], sim_t2i=rr["sim_t2i"])
+            rmetrics = protocol_metrics(rr["sim"], data["txt_img"], sim_t2i=rr["sim_t2i"], protocol=protocol)
             scores["rerank"] = {"top_k": int(rerank_top), "metrics": rmetrics, "seconds": round(rr_s, 3),
                                 "cross_passes": rr["n_pairs"], "exact_cross_passes": n_img * n_txt,
                                 "speedup": round(exact_s / max(rr_s, 1e-9), 2),

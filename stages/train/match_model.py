@@ -1,6 +1,8 @@
 """The matching models behind one interface (SCAN, MMCA, SLAN) and their losses; METHODS §4, §6, §7, §9.
 
-Loss per batch (``txt_img`` maps each caption to its image; same-image pairs are not negatives):
+Loss per batch (``txt_img`` maps each caption to its image; a batch may hold several captions of one
+image, and by default, as in SCAN/VSE++'s code, those are negatives of each other; ``same_image_negatives
+=False`` leaves them out):
 
     SCAN, MMCA:  L = triplet_hardest(S, margin) + λ_ccr CCR + λ_ccs CCS + λ_ica ICA
     SLAN:        L = w_itc L_itc + w_itm L_itm + w_reg L_reg + λ_ccr CCR + λ_ccs CCS + λ_ica ICA
@@ -8,12 +10,15 @@ Loss per batch (``txt_img`` maps each caption to its image; same-image pairs are
 - ``S``: SCAN's all-pairs similarity / MMCA's S(I, T) / SLAN's S(I, T) for every pair of the batch
   (differentiable). SLAN's ITC/ITM/L_reg: ``slan_losses.slan_objective`` (queue-based ITC; the batch's
   inputs and the queue update are in ``slan_train``).
-- Word -> region attention of the matched pairs (query q_i, values v_j, weights w_ij): SCAN t2i's
+- Word -> region attention of the positive pairs (query q_i, values v_j, weights w_ij): SCAN t2i's
   softmax(λ1 s̄) (``SCAN.attention``); MMCA's cross-unit attention, word rows restricted to region keys
   and renormalised; SLAN's last Eq. 1 attention over the kept regions (``slan_train.slan_views``). A
   matched word spanning several text positions (Karpathy tokens, BERT pieces) is one query: its
   positions' q and w rows averaged (``match_pos``); a_i = Σ_j w_ij v_j.
-- CCR/CCS (METHODS §7, ``losses.ccr_loss``/``ccs_loss``) on those matched words only.
+- CCR/CCS (METHODS §7, ``losses.ccr_loss``/``ccs_loss``) on **every real word** of each positive pair
+  (``caption_words``: SCAN's Karpathy tokens between ``<start>`` and ``<end>``; for BERT text the word
+  pieces of one whitespace-separated word, grouped by character offsets, [CLS]/[SEP]/padding left out):
+  they need no class match. ICA and the attention metrics use the class-word matches.
 - ICA for matching (ours, after METHODS §2): Lovász hinge between a word's attention *scores* over
   regions and its region labels (``match_data``: regions >= 50% inside the merged mask, non-empty
   rule). Scores: SCAN's pre-softmax λ1 s̄_ij (``logits``); MMCA and SLAN have softmax weights only, so
@@ -154,9 +159,45 @@ def attention_scores(weights: torch.Tensor, value_mask: torch.Tensor) -> torch.T
     return logw.masked_fill(~value_mask[:, None, :], float("-inf"))
 
 
-def word_views(out: dict, batch: dict) -> dict:
-    """Per matched word: q (n, d), w (n, R), values (n, R, d), value_mask (n, R), scores (n, R)."""
-    m, pos = batch["match_txt"], batch["match_pos"].to(out["query"].dtype)
+def caption_words(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every real word of every caption of the batch: ``txt (n,)`` (its caption) and ``pos (n, L)``
+    (pooling weights over the caption's text positions, rows sum to 1).
+
+    SCAN (``tokens``/``lengths``): each Karpathy token, positions 1 .. length - 2 (between ``<start>`` and
+    ``<end>``). BERT text (``word_mask``/``offsets``): the word pieces of one word (pieces whose character
+    spans touch, e.g. "sur" + "##fing"), averaged; [CLS], [SEP] and padding (empty spans) are no word.
+    """
+    if "tokens" in batch:
+        lengths = torch.as_tensor(batch["lengths"])
+        T = batch["tokens"].shape[1]
+        at = torch.arange(T, device=lengths.device)[None]
+        real = (at >= 1) & (at < lengths[:, None] - 1)  # (P, T)
+        txt, col = real.nonzero(as_tuple=True)
+        pos = torch.zeros(len(txt), T)
+        pos[torch.arange(len(txt)), col.cpu()] = 1.0
+        return txt.cpu(), pos
+    offs, mask = batch["offsets"].cpu(), batch["word_mask"].cpu().bool()
+    real = mask & (offs[..., 1] > offs[..., 0])  # (P, L)
+    prev_end = torch.nn.functional.pad(offs[..., 1], (1, 0), value=-1)[:, :-1]
+    prev_real = torch.nn.functional.pad(real, (1, 0), value=False)[:, :-1]
+    starts = real & ~(prev_real & (offs[..., 0] == prev_end))  # a piece that does not continue a word
+    word_id = starts.long().cumsum(1) - 1  # per caption, the word each real piece belongs to
+    txt_of, first = starts.nonzero(as_tuple=True)
+    base = torch.cumsum(starts.sum(1), 0) - starts.sum(1)  # index of each caption's first word
+    p_idx, l_idx = real.nonzero(as_tuple=True)
+    pos = torch.zeros(len(txt_of), offs.shape[1])
+    pos[base[p_idx] + word_id[p_idx, l_idx], l_idx] = 1.0
+    return txt_of, pos / pos.sum(1, keepdim=True).clamp_min(1.0)
+
+
+def word_views(out: dict, batch: dict, words: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
+    """Per word: q (n, d), w (n, R), values (n, R, d), value_mask (n, R), scores (n, R). ``words`` =
+    ``(txt, pos)`` as :func:`caption_words` gives; default: the class-word matches (``match_txt/pos``)."""
+    m, pos = words if words is not None else (batch["match_txt"], batch["match_pos"])
+    dev = out["query"].device
+    m, pos = m.to(dev), pos.to(dev, out["query"].dtype)
+    L = out["query"].shape[1]
+    pos = pos[:, :L]
     vm = out["value_mask"][m]
     scores = torch.einsum("nl,nlr->nr", pos, out["scores"][m].masked_fill(~vm[:, None, :], 0.0))
     return {"q": torch.einsum("nl,nld->nd", pos, out["query"][m]),
@@ -175,18 +216,22 @@ def match_losses(out: dict, batch: dict, cfg: MatchTrainConfig, generator: torch
         res = slan_train.slan_terms(out, batch, cfg, queue, generator)
         main = res.pop("loss")
     else:
-        res = {"triplet": hardest_negative_triplet(out["sim"], cfg.margin, image_ids=batch["txt_img"])}
+        ids = None if cfg.same_image_negatives else batch["txt_img"]
+        res = {"triplet": hardest_negative_triplet(out["sim"], cfg.margin, image_ids=ids)}
         main = res["triplet"]
     if terms:
         if "query" not in out:
             raise ValueError("CCR/CCS/ICA need the word->region attention (SCAN t2i, MMCA or SLAN)")
-        v = word_views(out, batch)
-        if "ccr" in terms:
-            res["ccr"] = ccr_loss(v["q"], v["values"], v["w"], cfg.gamma_r, v["value_mask"])
-        if "ccs" in terms:
-            attended = torch.einsum("nr,nrd->nd", v["w"], v["values"])
-            res["ccs"] = ccs_loss(v["q"], attended, batch["match_txt"], cfg.gamma_s, generator)
+        if terms & {"ccr", "ccs"}:
+            words = caption_words(batch)
+            v = word_views(out, batch, words)
+            if "ccr" in terms:
+                res["ccr"] = ccr_loss(v["q"], v["values"], v["w"], cfg.gamma_r, v["value_mask"])
+            if "ccs" in terms:
+                attended = torch.einsum("nr,nrd->nd", v["w"], v["values"])
+                res["ccs"] = ccs_loss(v["q"], attended, words[0].to(attended.device), cfg.gamma_s, generator)
         if "ica" in terms:
+            v = word_views(out, batch)
             has = batch["match_has_ref"]
             res["ica"] = lovasz_hinge(v["scores"][has], batch["match_labels"][has].to(v["scores"].device))
     res["loss"] = main + sum(getattr(cfg, t) * res[t] for t in ("ccr", "ccs", "ica") if t in res)

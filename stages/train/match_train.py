@@ -36,7 +36,7 @@ from ...storage.backends import open_backend
 from . import slan_train
 from .caption_data import split_rows, train_tokens
 from .distributed import barrier, broadcast_object, init_distributed, is_main, resolve_device, wrap_model
-from .match_data import KINDS, MatchDataset, load_split, match_loader, resolve_positions
+from .match_data import CAPTION_MODES, KINDS, MatchDataset, load_split, match_loader, resolve_positions
 from .match_model import MatchNet, match_losses, model_args
 from .retrieval import recall_at_k
 from .text_cache import check_text_cache
@@ -72,7 +72,9 @@ class MatchTrainConfig:
     grad_clip: float = 2.0  # 0 = off
     margin: float = 0.2
     region_norm: bool = False  # standardise region features with training-split statistics (MatchNet)
-    captions: Literal["one", "all"] = "one"  # one | all captions per image per step (match_data)
+    # each: every caption once per epoch, shuffled at caption level (SCAN/VSE++) | one | all (match_data)
+    captions: Literal["each", "one", "all"] = "each"
+    same_image_negatives: bool = True  # SCAN/VSE++ code: another caption of the same image in the batch is a negative
     ccr: float = 0.0
     ccs: float = 0.0
     ica: float = 0.0
@@ -89,7 +91,7 @@ class MatchTrainConfig:
     max_steps: int = 0  # stop after this many steps in total (checkpointed; resumable); 0 = no limit
     allow_partial: bool = False  # train on the done rows of an incomplete store (the run records it)
     val_rerank_top: int = 0  # MMCA validation by shortlist-and-rerank with this K; 0 = exact
-    val_max_images: int = 0  # validate on the split's first N images only; 0 = all
+    val_max_images: int = 1000  # validate on the split's first N images (SCAN/VSE++: 1000 = 5000 captions); 0 = all
     # SCAN
     embed: int = 1024
     word_dim: int = 300
@@ -122,8 +124,10 @@ class MatchTrainConfig:
     w_reg: float = 1.0
 
     def __post_init__(self):
-        if self.model not in KINDS:
-            raise ValueError(f"model must be one of {KINDS}, got {self.model!r}")
+        for name, allowed in (("model", KINDS), ("captions", CAPTION_MODES), ("direction", ("t2i", "i2t")),
+                              ("agg", ("avg", "lse"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.model == "slan" and self.slan_ratios is not None and len(self.slan_ratios) != self.slan_levels:
             raise ValueError(f"slan_ratios needs one ratio per level: slan_levels={self.slan_levels}, "
                              f"slan_ratios={self.slan_ratios}")
@@ -383,7 +387,8 @@ def train_match(cfg: MatchTrainConfig, run_dir, resume: bool = True,
         if is_main():
             run.log(step=step, epoch=epoch - 1, **epoch_rec)  # per epoch too: a 1-step epoch has a curve
             last_val = retrieval_metrics(net, val, device, cfg.val_rerank_top)
-            run.log(step=step, epoch=epoch - 1, **{f"val_{k}": v for k, v in last_val.items()})
+            run.log(step=step, epoch=epoch - 1, val_images=int(len(val["rows"])),
+                    **{f"val_{k}": v for k, v in last_val.items()})
             if last_val["rsum"] > best["rsum"]:
                 best = {"rsum": last_val["rsum"], "epoch": epoch - 1}
                 save("best", val=last_val)

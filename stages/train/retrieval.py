@@ -69,7 +69,7 @@ def recall_at_k(sim, txt_to_img, ks: Sequence[int] = (1, 5, 10), sim_t2i=None) -
 
     ``sim_t2i``: optional separate matrix to rank images for each caption (shortlist-and-rerank gives
     one per direction); default ``sim``. Returns ``i2t_r{k}``, ``t2i_r{k}``, ``rsum``, and the 1-based
-    median ranks ``i2t_medr``, ``t2i_medr``.
+    median ranks ``i2t_medr``, ``t2i_medr`` (:func:`median_rank`).
     """
     r_i2t = ranks_i2t(sim, txt_to_img)
     r_t2i = ranks_t2i(sim if sim_t2i is None else sim_t2i, txt_to_img)
@@ -78,9 +78,16 @@ def recall_at_k(sim, txt_to_img, ks: Sequence[int] = (1, 5, 10), sim_t2i=None) -
         for k in ks:
             out[f"{name}_r{k}"] = 100.0 * float((ranks < k).double().mean())
     out["rsum"] = sum(out.values())
-    out["i2t_medr"] = float(r_i2t.double().median()) + 1
-    out["t2i_medr"] = float(r_t2i.double().median()) + 1
+    out["i2t_medr"] = median_rank(r_i2t)
+    out["t2i_medr"] = median_rank(r_t2i)
     return out
+
+
+def median_rank(ranks) -> float:
+    """1-based median rank as SCAN's/VSE++'s evaluation code computes it: ``floor(median(ranks)) + 1``
+    over 0-based ranks, the median of an even count being the mean of the two middle ranks (numpy's)."""
+    ranks = np.asarray(ranks.cpu() if torch.is_tensor(ranks) else ranks, dtype=np.float64)
+    return float(np.floor(np.median(ranks))) + 1.0 if ranks.size else float("nan")
 
 
 def coco_1k_5k(sim, txt_to_img, ks: Sequence[int] = (1, 5, 10), fold_size: int = 1000, sim_t2i=None) -> dict:
