@@ -159,13 +159,14 @@ def one_thread():
 
 def test_resume_mid_epoch_restores_the_queue_and_equals_uninterrupted(synth, cache, tmp_path, one_thread):
     # caption-level epochs: 200 captions, 5 batches of 40 an epoch
-    cfg = MatchTrainConfig(store=synth, text_cache=cache, epochs=2, batch_size=40, val_max_images=2, **TINY)
+    cfg = MatchTrainConfig(store=synth, text_cache=cache, epochs=2, batch_size=40, val_max_images=2,
+                           **{**TINY, "slan_queue": 48})
     full = train_match(cfg, tmp_path / "full")
     part = train_match(MatchTrainConfig(**{**cfg.__dict__, "max_steps": 3}), tmp_path / "part")
     assert part["stopped"] and part["step"] == 3
     q = torch.load(tmp_path / "part" / "checkpoints" / "last.pt", weights_only=True)["model"]
-    assert int(q["net.queue.filled"]) == 16 and int(q["net.queue.ptr"]) == 120 % 16  # 3 steps x 40 pairs, wrapped
-    assert (q["net.queue.ids"] >= 0).all() and q["net.queue.txt"].norm(dim=1).allclose(torch.ones(16))
+    assert int(q["net.queue.filled"]) == 48 and int(q["net.queue.ptr"]) == 120 % 48  # 3 steps x 40 pairs, wrapped
+    assert (q["net.queue.ids"] >= 0).all() and q["net.queue.txt"].norm(dim=1).allclose(torch.ones(48))
     done = train_match(cfg, tmp_path / "part")
     assert done["step"] == full["step"] == 10
     a = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=True)
