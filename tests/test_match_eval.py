@@ -14,8 +14,9 @@ from vlcache.stages.train.match_train import MatchTrainConfig, load_match_run, m
 from vlcache.storage.store import open_store
 
 torch.set_num_threads(2)
+# One caption per image per step: these tests are about evaluation, 5 short steps train enough.
 TINY = dict(embed=32, word_dim=32, d=32, heads=4, vocab_min_count=1, device="cpu", epochs=1, batch_size=8,
-            region_norm=True, val_max_images=4)
+            region_norm=True, val_max_images=4, captions="one")
 
 
 @pytest.fixture(scope="module")

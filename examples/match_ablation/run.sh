@@ -4,9 +4,12 @@
 # Seeds run as parallel processes (each its own run directories); a last sequential pass of each
 # experiment finds every run trained and evaluated and writes the combined table (ablation.md/json).
 set -euo pipefail
+HERE="$(cd "$(dirname "$0")" && pwd)"
+PY="${PYTHON:-python}"
 WORK="${1:-match_ablation}"
 mkdir -p "$WORK" && cd "$WORK"
 V="${VLCACHE:-vlcache}"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # one thread a process: several processes share the cores
 
 [ -f data/dataset_synth.json ] || $V datasets synth --out data --images 200 --seed 1 --size 96
 [ -f store.done ] || { $V extract --dataset data/dataset_synth.json --instances data/instances.json \
@@ -28,3 +31,4 @@ done
 wait
 $V experiment match "${SCAN[@]}" --seeds 3
 $V experiment slan "${SLAN[@]}" --seeds 3
+$PY "$HERE/summarize.py" .
