@@ -1,10 +1,13 @@
 """Extraction benchmark: the loop's overhead over bare model compute, store bytes per image, decode workers.
 
-    python bench/extract.py [--images 16] [--size 256] [--input-size 192] [--proposals 64] [--instances 12]
-                            [--batch 2] [--threads 0] [--repeats 1] [--device cpu|cuda]
+    python bench/extract.py [--images 16] [--size 256] [--input-size 192] [--region-size SIZE] [--proposals 64]
+                            [--instances 12] [--batch 2] [--threads 0] [--repeats 1] [--device cpu|cuda]
 
 On the CPU with a random-weight Mask R-CNN R50-FPN v2 (``--weights none``) and ResNet-101, over synthetic
-images (``--size`` px square; the detector's min_size is the same, so it sees them at full size):
+images (``--size`` px square; the detector's min_size is the same, so it sees them at full size). Region
+features come from ResNet-101 passes of their own, one image at a time, at shorter side ``--region-size``
+(default ``--size``: BUTD's 600 would upscale the toy images), as extraction does by default
+(``features.region_scale=butd``); the "forward only" time includes those passes too.
 
 * overhead = time per image of the whole extraction loop (``extract()``: DataLoader decode workers,
   detector, region selection + RoIAlign, grid pooling, row building, the writer thread compressing and
