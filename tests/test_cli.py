@@ -149,7 +149,8 @@ def test_missing_weights_name_the_flag_of_the_model_that_needs_them(synth, tmp_p
 # ------------------------------------------------------------------------ a wrong --image-root (#13.2)
 CHEAP = ["--detector", "annotations", "--weights", "none", "--num-workers", "0", "--batch-size", "2",
          "--set", "features.input_size=64", "--set", "features.grid_size=2", "--set", "features.max_regions=4",
-         "--set", "features.min_regions=2", "--set", "block_size=2"]
+         "--set", "features.min_regions=2", "--set", "block_size=2", "--set", "features.region_min_size=64",
+         "--set", "features.region_max_size=128"]
 
 
 def test_wrong_image_root_fails_before_writing_anything(synth, tmp_path):

@@ -69,7 +69,8 @@ def test_extract_loads_the_trained_checkpoint_and_records_its_sha256(trained, sy
            "--out", str(out), "--weights", str(run / "detector.pt"), "--backbone-weights", str(run / "detector.pt"),
            "--limit", "4", "--num-workers", "0", "--set", "detector.min_size=64", "--set", "detector.max_size=64",
            "--set", "features.input_size=64", "--set", "features.grid_size=2", "--set", "features.max_regions=4",
-           "--set", "features.min_regions=2", "--set", "block_size=4"]
+           "--set", "features.min_regions=2", "--set", "block_size=4", "--set", "features.region_min_size=64",
+           "--set", "features.region_max_size=128"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     store = open_store(str(out))

@@ -47,7 +47,8 @@ def needs_detectron2(fn):
 # toy sizes: 64-96 px inputs, 40 RPN proposals, every detection kept (score threshold 0)
 SMALL = dict(min_size=64, max_size=96, proposals=40, score_threshold=0.0, max_instances=32)
 SMALL_SET = ["detector.min_size=64", "detector.max_size=96", "detector.proposals=40", "detector.max_instances=32",
-             "detector.score_threshold=0.0", "features.input_size=64", "features.grid_size=2", "block_size=2"]
+             "detector.score_threshold=0.0", "features.input_size=64", "features.grid_size=2", "block_size=2",
+             "features.region_min_size=64", "features.region_max_size=128"]
 SIZES = [(82, 71), (49, 44), (61, 73), (56, 82)]
 
 

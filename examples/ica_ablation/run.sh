@@ -12,6 +12,7 @@ PY="${PYTHON:-python}"
 $V extract --dataset data/dataset_synth.json --instances data/instances.json --out store.zarr \
   --detector annotations --backbone-weights none --batch-size 8 --num-workers 1 --device cpu \
   --set features.input_size=224 --set features.grid_size=7 --set features.max_regions=16 \
+  --set features.region_min_size=224 --set features.region_max_size=448 \
   --set features.min_regions=4 --set block_size=32
 # diagnostic copy whose grid features encode each cell's class coverage (an upper bound, not a result)
 [ -d oracle.zarr ] || $PY "$HERE/oracle_features.py" store.zarr oracle.zarr
