@@ -73,11 +73,12 @@ def _choice_fields(cls, prefix=""):
 
 
 def _project_configs():
+    from vlcache.stages.detect.train import DetectorTrainConfig
     from vlcache.stages.extract.config import ExtractConfig
     from vlcache.stages.train.caption_train import CaptionTrainConfig
     from vlcache.stages.train.match_train import MatchTrainConfig
 
-    return [ExtractConfig, CaptionTrainConfig, MatchTrainConfig]
+    return [ExtractConfig, CaptionTrainConfig, MatchTrainConfig, DetectorTrainConfig]
 
 
 def test_region_mode_typo_is_an_error_listing_the_choices():
@@ -112,7 +113,7 @@ def test_every_choice_valued_key_in_the_project_is_validated(tmp_path):
             ("ExtractConfig", "features.backbone"), ("ExtractConfig", "detector.arch"), ("ExtractConfig", "match"),
             ("ExtractConfig", "groups"), ("CaptionTrainConfig", "feat_norm"), ("MatchTrainConfig", "model"),
             ("MatchTrainConfig", "captions"), ("MatchTrainConfig", "direction"),
-            ("MatchTrainConfig", "agg")} <= set(keys)
+            ("MatchTrainConfig", "agg"), ("DetectorTrainConfig", "backbone")} <= set(keys)
 
 
 def test_check_choices_on_configs_built_in_python():

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ class DetectorTrainConfig:
     val_instances: list[str] = field(default_factory=list)  # without --dataset: the validation images
     image_root: str | None = None
     val_image_root: str | None = None
-    backbone: str = "resnet50"  # resnet18 | resnet34 | resnet50 | resnet101
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
     weights: str = "none"  # none | DEFAULT (torchvision COCO Mask R-CNN R50-FPN) | PATH (a detector to fine-tune)
     backbone_weights: str = "none"  # none | DEFAULT (torchvision ImageNet) | PATH (a resnet state dict)
     trainable_layers: int | None = None  # ResNet stages trained: 5 from scratch, 3 from ImageNet (torchvision)
