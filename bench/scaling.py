@@ -7,7 +7,7 @@ Data: the BUTD-style rows of ``bench/layouts.py`` (36 regions x 2048 float16 fea
 normal noise, so compression behaves realistically), written as one Zarr store per size with ``--block``
 rows per chunk. The reader is ``stream_loader`` (shuffled blocks, then rows within a window of 4 blocks),
 measured by ``bench/stream.py``'s own ``run_config`` in a **fresh subprocess per configuration**, so each
-peak RSS (``ru_maxrss`` of the main process; the largest DataLoader worker's RSS, sampled with psutil) is
+peak RSS (``VmHWM`` of the main process; the largest DataLoader worker's RSS, sampled with psutil) is
 that configuration's alone. The base size is 8x the reader's block cache, so every size streams.
 
 The claim under test: memory stays flat as the dataset grows (the reader holds O(window) blocks, never

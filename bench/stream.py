@@ -10,8 +10,8 @@ one at a time, measured, and removed (disk and page cache hold one layout at a t
 Each configuration runs in a fresh subprocess: shuffled batches of ``--batch`` through a torch DataLoader
 (the store: ``stream_loader``, block-shuffled, lanes = workers; the others: a per-row Dataset, a shuffled
 ``RandomSampler`` and the default collate), samples/s over ``--seconds`` (best of 3 rounds for warm runs,
-the machine may be shared), and its peak RSS (``ru_maxrss`` of the main process; the largest worker's
-RSS, sampled with psutil):
+the machine may be shared), and its peak RSS (``VmHWM`` of the main process; the largest worker's RSS,
+sampled with psutil):
 
 * warm -- the layout's files are read once just before (page cache warm);
 * cold -- the page cache is dropped (``sync; echo 1 > /proc/sys/vm/drop_caches``, needs root) after the
@@ -110,8 +110,14 @@ def run_config(kind: str, path: str, workers: int, batch: int, seconds: float, c
             "rss_main_mb": rss_mb(resource.RUSAGE_SELF), "rss_worker_mb": worker_mb}
 
 
-def rss_mb(who) -> float:
-    return resource.getrusage(who).ru_maxrss / 1024.0  # Linux reports KiB
+def rss_mb(who=resource.RUSAGE_SELF) -> float:
+    """Peak RSS of this process image in MiB: ``VmHWM`` on Linux. Not ``ru_maxrss``: Linux carries it over
+    ``exec`` from the forking parent, so a child spawned by a big parent would report the parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024.0
+    except (OSError, StopIteration):
+        return resource.getrusage(who).ru_maxrss / 1024.0  # Linux reports KiB
 
 
 class WorkerRSS:
@@ -264,7 +270,9 @@ def main(argv=None) -> int:
     try:
         for n in args.images:
             src = work / f"npy-{n}"
-            write_npy(src, n, 0)
+            if not (src / "done").exists():  # rows are deterministic: a --dir's earlier rows are reused
+                write_npy(src, n, 0)
+                (src / "done").touch()
             print(f"\n== {n} rows x {R} regions x {D} float16 = {n * R * D * 2 / 2**20:.0f} MiB of features", flush=True)
             for layout in args.layouts:
                 kind = "store" if layout.startswith("store") else layout

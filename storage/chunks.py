@@ -115,11 +115,6 @@ class ChunkFiles:
                 plans[p] = plan
         return cls(backend, plans, verify) if plans else None
 
-    def prefetch(self, path: str, blocks) -> None:
-        """Read ``blocks`` of ``path`` ahead (see :func:`readahead`)."""
-        if path in self.plans:
-            readahead(os.path.join(self.root, self.backend.chunk_key(path, b)) for b in blocks)
-
     def read_block(self, path: str, block: int) -> np.ndarray | None:
         """Rows of ``block`` of ``path`` (read-only), or None when this module does not read them."""
         plan = self.plans.get(path)

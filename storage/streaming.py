@@ -263,8 +263,6 @@ class _BlockReader:
                 self._cache.move_to_end((path, b))
                 out[b] = hit
         backend = self.backend()
-        if self._files is not None and len(missing) > 1:
-            self._files.prefetch(path, missing)
         if len(missing) > 1 and self.threads > 1 and backend.kind == "zarr":
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="vlcache-read")
