@@ -16,6 +16,9 @@ remembers each file it checked by (inode, size, modification time), so a file re
 again; a byte flipped in place within the same clock tick as the check would not be, which is why
 ``vlcache store verify`` never uses this module. Anything else (strings, missing chunk files, other
 codecs, remote stores) returns ``None`` and the caller reads through Zarr.
+
+Zarr replaces a chunk file atomically (a new file renamed over the old), so a mapped chunk never changes
+under a reader, and the new file is checked again (new inode).
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, get_wor
 
 from .backends import HDF5_SUFFIXES, is_local, local_path, open_backend
 from .chunks import ChunkFiles, readahead
+from .zarr_backend import chunk_key
 from .errors import StoreError
 from .schema import DONE, STR, split_code
 
@@ -240,7 +241,7 @@ class _BlockReader:
         if not self.direct or not is_local(self.url) or self.url.rstrip("/").lower().endswith(HDF5_SUFFIXES):
             return
         root = local_path(self.url)
-        readahead(os.path.join(root, f"{f}/c/{b}" + "/0" * len(spec.row_shape))
+        readahead(os.path.join(root, chunk_key(f, b, len(spec.row_shape)))
                   for b in blocks for f, spec in self.specs.items() if spec.dtype != STR)
 
     def _load(self, path: str, b: int) -> np.ndarray:
@@ -331,8 +332,8 @@ class StoreDataset(Dataset):
     their number and :meth:`sampler` builds the matching :class:`BlockSampler`. ``cache_blocks``: decoded
     blocks kept per array (match the sampler's ``window_blocks``); ``read_threads``: threads decoding a
     batch's missing blocks at once (Zarr); ``direct``: read a local Zarr store's chunk files directly
-    (:mod:`.chunks`; False reads every block through Zarr, same values). Returned arrays are read-only views into the cached block;
-    :func:`collate` stacks them.
+    (:mod:`.chunks`; False reads every block through Zarr, same values). Returned arrays are read-only
+    views into the cached block; :func:`collate` stacks them.
     """
 
     def __init__(self, url, fields: list[str], *, rows=None, split: str | None = None, cache_blocks: int = 4,
@@ -412,7 +413,8 @@ def collate(items: list[dict]) -> dict:
 def stream_loader(url, fields: list[str], batch_size: int, *, split: str | None = None, rows=None,
                   shuffle: bool = True, seed: int = 0, window_blocks: int = 4, rank: int = 0, world_size: int = 1,
                   drop_last: bool = False, num_workers: int = 0, lanes: int = 2, read_threads: int = 2,
-                  storage_options: dict | None = None, direct: bool = True, **loader_kw) -> tuple[DataLoader, BlockSampler]:
+                  storage_options: dict | None = None, direct: bool = True,
+                  **loader_kw) -> tuple[DataLoader, BlockSampler]:
     """The fast path: a DataLoader of batches ``{field: tensor (B, ...) | object array, "row": tensor}``
     over :class:`StoreBatchDataset`, and its :class:`BlockSampler`.
 

@@ -61,6 +61,12 @@ def open_group(store, mode: str):
         return zarr.open_group(store, mode=mode, zarr_format=3, use_consolidated=False)
 
 
+def chunk_key(path: str, block: int, row_ndim: int) -> str:
+    """Storage key of the chunk holding ``block`` of an array with ``row_ndim`` axes after the row axis
+    (Zarr v3 default key encoding: ``<path>/c/<block>/0/...``)."""
+    return f"{path}/c/{block}" + "/0" * row_ndim
+
+
 class ZarrBackend(Backend):
     kind = "zarr"
 
@@ -127,7 +133,7 @@ class ZarrBackend(Backend):
 
     def chunk_key(self, path: str, block: int) -> str:
         """Storage key (relative to the store root) of ``path``'s chunk for ``block``."""
-        return f"{path}/c/{block}" + "/0" * len(self.spec(path).row_shape)
+        return chunk_key(path, block, len(self.spec(path).row_shape))
 
     def stored_blocks(self, path: str) -> set[int]:
         """Blocks of ``path`` that have a chunk object in storage (one listing request; one HEAD per block
