@@ -420,7 +420,8 @@ def stream_loader(url, fields: list[str], batch_size: int, *, split: str | None 
 
     Call ``sampler.set_epoch(e)`` each epoch; save ``sampler.state_dict(position=batches * batch_size)``
     to resume mid-epoch. Workers each open the store themselves. The batches depend on the sampler
-    settings (``lanes`` included), never on ``num_workers``; ``lanes == num_workers`` is fastest.
+    settings (``lanes`` included), never on ``num_workers``; ``lanes == num_workers`` is fastest. Other
+    keywords go to the DataLoader (e.g. ``pin_memory=True``: batches land in pinned memory for GPU copies).
     """
     # A worker sees ceil(lanes / workers) lanes' windows at a time (all of them without workers): cache them.
     per_reader = -(-lanes // num_workers) if num_workers else lanes
