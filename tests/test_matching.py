@@ -218,3 +218,19 @@ def test_not_a_class_phrases_claim_their_words(coco, tmp_path):
     bad.write_text("laptop, computer\n!, computer\n")
     with pytest.raises(ValueError, match="listed under '!' and under 'laptop'"):
         load_class_words(bad)
+
+
+def test_a_datasets_own_table_lists_its_own_phrases_that_name_no_class(tmp_path):
+    from vlcache.pipeline.config import load_config
+    from vlcache.pipeline.datasets import load_dataset
+    from vlcache.pipeline.synth import generate
+    from vlcache.stages.extract.config import ExtractConfig
+    from vlcache.stages.extract.models import build_models
+
+    generate(tmp_path, n_images=3, seed=0, size=(32, 32))
+    words = tmp_path / "class_words.txt"  # extraction picks up the table beside the dataset
+    words.write_text(words.read_text() + "!, ring road\n")
+    ds = load_dataset(tmp_path / "dataset_synth.json", instances=tmp_path / "instances.json")
+    cfg = load_config(ExtractConfig, overrides=["detector.backend=annotations", "groups=[matches]"])
+    matcher = build_models(cfg, ds).matcher
+    assert [m.words for m in matcher.match("a ring road next to a ring")] == ["ring"]

@@ -14,7 +14,7 @@ from ...pipeline.records import Dataset, ImageRecord
 from .config import ExtractConfig
 from .detectors import DETECTORS, Detections
 from .features import FeatureExtractor, grid_features, region_features, to_float16_checked
-from .matching import ClassWordMatcher, load_class_words
+from .matching import ClassWordMatcher, load_class_words, load_not_class_phrases
 from .regions import select_regions
 from .rows import RowOutput
 
@@ -183,5 +183,7 @@ def _build_models(cfg: ExtractConfig, dataset: Dataset, class_words: str | Path 
     if "matches" in groups:
         table, source = _resolve_class_words(class_names, dataset, class_words)
         synonyms = {c: w for c, w in table.items() if c in class_names}
-        matcher = ClassWordMatcher(class_names, synonyms, mode=cfg.match)
+        own = Path(source) if Path(source).is_file() else None  # a table file of its own: its own ! line
+        matcher = ClassWordMatcher(class_names, synonyms, mode=cfg.match,
+                                   not_classes=load_not_class_phrases(own) if own else None)
     return ExtractionModels(cfg, detector, extractor, matcher, class_names, source)

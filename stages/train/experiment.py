@@ -141,6 +141,11 @@ def _chance(rows: list[dict]) -> float:
     return sum(vals) / len(vals) if vals else float("nan")
 
 
+def _cell(v) -> str:
+    """A score for a table: undefined ones (null in scores JSON, NaN) read n/a."""
+    return "n/a" if _number(v) is None else f"{v:.4f}"
+
+
 def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "variant"
 
@@ -204,8 +209,8 @@ def run_ica_experiment(store: str, seeds: int = 3, *, name: str = "ica", runs_ro
           f"(uniform attention) of the correctness: {_chance(rows):.4f}",
           *[f"- {n}" for n in notes], "", "## Runs", "",
           "| variant | seed | run | CIDEr | Attn corr. |", "|---|---|---|---|---|",
-          *[f"| {r['variant']} | {r['seed']} | `{r['run']}` | {r.get('CIDEr', float('nan')):.4f} | "
-            f"{r.get('attn_correctness', float('nan')):.4f} |" for r in rows], ""]
+          *[f"| {r['variant']} | {r['seed']} | `{r['run']}` | {_cell(r.get('CIDEr'))} | "
+            f"{_cell(r.get('attn_correctness'))} |" for r in rows], ""]
     (root / "ablation.md").write_text("\n".join(md))
     result = {"name": name, "store": store, "store_fingerprint": fingerprint, "split": split, "seeds": seed_list,
               "variants": variants, "config": to_dict(base), "rows": rows,

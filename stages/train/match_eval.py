@@ -307,7 +307,7 @@ def write_report(run: RunDir, scores: dict, config: dict, figures: list[Path]) -
                   f"| detector (before) | {_fmt(scores['box_inside_before'])} | {_fmt(scores['box_iou_before'])} |",
                   f"| adapted (after) | {_fmt(scores['box_inside_after'])} | {_fmt(scores['box_iou_after'])} |", "",
                   f"{scores['box_words']} words; the filter kept {_fmt(scores['kept_regions'])} regions per pair on "
-                  f"average; {_fmt(100 * scores['box_moved'])}% of the words' boxes moved by more than half a pixel.",
+                  f"average; {_fmt(scores['box_moved'] and 100 * scores['box_moved'])}% of the words' boxes moved by more than half a pixel.",
                   ""]
     if scores["notes"]:
         lines += ["Notes:", ""] + [f"- {n}" for n in scores["notes"]] + [""]
