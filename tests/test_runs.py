@@ -15,7 +15,7 @@ from synth_store import make_synth_store
 from vlcache.pipeline.runs import RunDir, finite_json
 from vlcache.stages.train.caption_eval import evaluate_caption
 from vlcache.stages.train.caption_train import CaptionTrainConfig, train_caption
-from vlcache.stages.train.experiment import _cell
+from vlcache.stages.train.experiment import _score_cell
 from vlcache.stages.train.match_eval import evaluate_match, write_report
 from vlcache.stages.train.match_train import MatchTrainConfig, train_match
 from vlcache.storage.writer import StoreWriter
@@ -92,7 +92,7 @@ def test_scores_json_writes_null_not_nan_and_says_why(scan_i2t_run):
                   box_words=0, kept_regions=None, box_moved=None)
     write_report(RunDir(run), scores, RunDir(run).read_config(), [])
     assert "n/a% of the words' boxes moved" in (run / "report.md").read_text()
-    assert _cell(None) == _cell(float("nan")) == "n/a" and _cell(0.25) == "0.2500"
+    assert _score_cell(None) == _score_cell(float("nan")) == "n/a" and _score_cell(0.25) == "0.2500"
 
 
 def test_captioning_and_matching_number_epochs_alike(caption_run, scan_i2t_run):

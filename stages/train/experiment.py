@@ -141,7 +141,7 @@ def _chance(rows: list[dict]) -> float:
     return sum(vals) / len(vals) if vals else float("nan")
 
 
-def _cell(v) -> str:
+def _score_cell(v) -> str:
     """A score for a table: undefined ones (null in scores JSON, NaN) read n/a."""
     return "n/a" if _number(v) is None else f"{v:.4f}"
 
@@ -209,8 +209,8 @@ def run_ica_experiment(store: str, seeds: int = 3, *, name: str = "ica", runs_ro
           f"(uniform attention) of the correctness: {_chance(rows):.4f}",
           *[f"- {n}" for n in notes], "", "## Runs", "",
           "| variant | seed | run | CIDEr | Attn corr. |", "|---|---|---|---|---|",
-          *[f"| {r['variant']} | {r['seed']} | `{r['run']}` | {_cell(r.get('CIDEr'))} | "
-            f"{_cell(r.get('attn_correctness'))} |" for r in rows], ""]
+          *[f"| {r['variant']} | {r['seed']} | `{r['run']}` | {_score_cell(r.get('CIDEr'))} | "
+            f"{_score_cell(r.get('attn_correctness'))} |" for r in rows], ""]
     (root / "ablation.md").write_text("\n".join(md))
     result = {"name": name, "store": store, "store_fingerprint": fingerprint, "split": split, "seeds": seed_list,
               "variants": variants, "config": to_dict(base), "rows": rows,
