@@ -39,9 +39,15 @@ def _cfg(synth, **kw) -> DetectorTrainConfig:
 
 @pytest.fixture(scope="module")
 def trained(synth, tmp_path_factory):
+    """8 steps through the real command line."""
     run = tmp_path_factory.mktemp("det_run") / "run"
-    summary = train_detector(_cfg(synth, max_iters=8, epochs=2), run, progress=False)
-    return run, summary
+    sets = [x for k, v in {**TINY, "max_iters": 8}.items() if k not in ("backbone", "batch_size")
+            for x in ("--set", f"{k}={v}")]
+    cmd = [sys.executable, "-m", "vlcache", "train", "detector", "--run", str(run), "--dataset", str(synth[0]),
+           "--instances", str(synth[1]), "--backbone", "resnet18", "--batch-size", "4", "--epochs", "2", *sets]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return run, json.loads(r.stdout)
 
 
 def _losses(run) -> list[float]:
@@ -180,3 +186,21 @@ def test_lr_schedule_warms_up_then_steps_down():
     assert lr_at(cfg, 10, 0, 100) == lr_at(cfg, 0, 1, 100) == pytest.approx(0.005)
     assert lr_at(cfg, 0, 2, 100) == pytest.approx(0.0005) and lr_at(cfg, 0, 3, 100) == pytest.approx(0.00005)
     assert lr_at(cfg, 4, 0, 5) == pytest.approx(0.005)  # warm-up capped at iterations per epoch - 1
+
+
+def test_fine_tuning_loads_a_detector_and_reinitialises_only_what_does_not_fit(trained, synth):
+    from vlcache.stages.detect.train import build_for_training
+
+    run, _ = trained
+    saved = torch.load(run / "detector.pt", weights_only=True)["model"]
+    cfg = _cfg(synth, weights=str(run / "detector.pt"))
+    same, meta = build_for_training(cfg, SYNTH_CLASSES)
+    assert meta["init"]["reinitialised"] == [] and meta["norm"] == "frozen"
+    assert all(torch.equal(v, saved[k]) for k, v in same.state_dict().items() if k in saved)
+    fewer, meta = build_for_training(cfg, SYNTH_CLASSES[:3])  # new classes: new class-specific predictors
+    assert sorted(meta["init"]["reinitialised"]) == [
+        "roi_heads.box_predictor.bbox_pred.bias", "roi_heads.box_predictor.bbox_pred.weight",
+        "roi_heads.box_predictor.cls_score.bias", "roi_heads.box_predictor.cls_score.weight",
+        "roi_heads.mask_predictor.mask_fcn_logits.bias", "roi_heads.mask_predictor.mask_fcn_logits.weight"]
+    assert torch.equal(fewer.state_dict()["backbone.fpn.layer_blocks.0.0.weight"],
+                       saved["backbone.fpn.layer_blocks.0.0.weight"])

@@ -3,9 +3,9 @@
 # dataset's train split and report COCO AP on its val split. Usage: train.sh [WORKDIR] [EPOCHS]
 set -euo pipefail
 W=${1:-work/synth_detector}
-EPOCHS=${2:-8}
+EPOCHS=${2:-4}
 PY=${PYTHON:-python}
-$PY -m vlcache datasets synth --out "$W/data" --images 1000 --size 128 --seed 0
+[ -f "$W/data/dataset_synth.json" ] || $PY -m vlcache datasets synth --out "$W/data" --images 1000 --size 128 --seed 0
 $PY -m vlcache train detector --run "$W/detector" --dataset "$W/data/dataset_synth.json" \
     --instances "$W/data/instances.json" --backbone resnet18 --epochs "$EPOCHS" --batch-size 4 \
     --set fpn_channels=64 --set min_size=128 --set max_size=128 --set lr=0.01 --set warmup_iters=200 \

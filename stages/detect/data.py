@@ -25,7 +25,7 @@ from pycocotools import mask as mask_utils
 
 from ...pipeline.datasets import DatasetError, _attach_instances, load_dataset
 from ...pipeline.records import ImageRecord
-from ..extract.images import load_image
+from ..extract.images import BadImageError, load_image
 
 
 @dataclass
@@ -160,9 +160,14 @@ class DetectionDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         rec = self.records[index]
-        arr = load_image(self.root / rec.path)
+        try:
+            arr = load_image(self.root / rec.path)
+            target = targets(rec, arr.shape[0], arr.shape[1])
+        except (BadImageError, DatasetError) as e:
+            # handed to the main process as data: an exception from a loader worker reaches the user
+            # wrapped in a multi-line traceback; :func:`raise_bad_samples` makes it one line there
+            return None, {"error": f"image {rec.id}: {e}"}
         image = torch.from_numpy(np.array(arr, order="C")).permute(2, 0, 1).float().div_(255)
-        target = targets(rec, arr.shape[0], arr.shape[1])
         if self.flip is not None and self.flip(index, self.epoch):
             image, target = hflip(image, target)
         target["index"] = torch.tensor(index)
@@ -183,8 +188,11 @@ def aspect_groups(records: list[ImageRecord], root: Path) -> list[int]:
     for r in records:
         h, w = r.height, r.width
         if h is None or w is None:
-            with Image.open(root / r.path) as im:  # header only; EXIF rotation does not matter for grouping
-                w, h = im.size
+            try:
+                with Image.open(root / r.path) as im:  # header only; EXIF rotation does not matter for grouping
+                    w, h = im.size
+            except Exception:  # noqa: BLE001 - a bad image is reported, naming it, when it is loaded
+                w, h = 1, 1
         out.append(0 if w >= h else 1)
     return out
 
@@ -208,3 +216,11 @@ def grouped_batches(groups: list[int], batch_size: int, seed: int, epoch: int) -
 
 def collate(batch):
     return tuple(zip(*batch))
+
+
+def raise_bad_samples(targets) -> None:
+    """The first sample that could not be read, as one clear error naming the image and why."""
+    for t in targets:
+        if "error" in t:
+            raise DatasetError(t["error"] + " (fix or remove it from the annotations; the run resumes from "
+                               "its last checkpoint)")

@@ -22,7 +22,8 @@ import torch
 
 from ...pipeline.config import to_dict
 from ...pipeline.runs import RunDir, plot_curves
-from .data import DetectionDataset, DetectorData, aspect_groups, collate, grouped_batches, with_targets
+from .data import (DetectionDataset, DetectorData, aspect_groups, collate, grouped_batches, raise_bad_samples,
+                   with_targets)
 from .model import CHECKPOINT_FORMAT, DetectorCheckpointError, build_maskrcnn
 
 LOSS_KEYS = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
@@ -165,9 +166,11 @@ def train_detector(cfg: DetectorTrainConfig, run_dir, progress: bool = True,
         opt.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         step, epoch, position = state["step"], state["epoch"], state["position"]
-        torch.set_rng_state(state["rng"]["cpu"])
-        if device.type == "cuda" and "cuda" in state["rng"]:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        rng = state.get("rng", {})  # checkpoints of the first version lack it
+        if "cpu" in rng:
+            torch.set_rng_state(rng["cpu"])
+        if device.type == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], device)
         run.truncate_metrics(lambda r: r.get("step", 0) <= step)  # steps after it died with the process
         run.log(event="resumed", step=step, epoch=epoch)
     dataset = DetectionDataset(train_records, data.train_root, flip=flips(cfg.seed, cfg.hflip))
@@ -192,6 +195,7 @@ def train_detector(cfg: DetectorTrainConfig, run_dir, progress: bool = True,
                                              # from the global one the RoI samplers use
                                              generator=torch.Generator().manual_seed(cfg.seed + epoch))
         for images, targets in loader:
+            raise_bad_samples(targets)
             lr = lr_at(cfg, position, epoch, iters_per_epoch)
             for g in opt.param_groups:
                 g["lr"] = lr
