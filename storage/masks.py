@@ -180,56 +180,37 @@ def _cell_overlap(size: int, grid: int) -> torch.Tensor:
     return ((hi - lo).clamp(min=0) / (size / grid)).to(torch.float32)
 
 
-def _binary_coverage(b, m, H, W, grid: int, threshold: float, samples_per_cell: int | None,
-                     convention: str) -> torch.Tensor:
+def _cell_fractions(binary: torch.Tensor, H: int, W: int, grid: int) -> torch.Tensor:
+    """(..., G, G) fraction of each cell's area covered by the pixel-constant ``binary`` (..., H, W) mask."""
     if grid < 1:
         raise ValueError(f"grid must be >= 1, got {grid}")
-    if samples_per_cell is None:
-        # Exact on the pixel grid: full-resolution paste, then each pixel weighted by its overlap with a cell.
-        binary = (_sample(b, m, H, W, H, W, convention) >= threshold).to(torch.float32)
-        ay, ax = _cell_overlap(H, grid), _cell_overlap(W, grid)
-        return torch.matmul(torch.matmul(ay, binary), ax.T)
-    if samples_per_cell < 1:
-        raise ValueError(f"samples_per_cell must be >= 1 or None, got {samples_per_cell}")
-    s = int(samples_per_cell)
-    binary = (_sample(b, m, H, W, grid * s, grid * s, convention) >= threshold).to(torch.float32)
-    return binary.reshape(-1, grid, s, grid, s).mean(dim=(2, 4))
+    ay, ax = _cell_overlap(H, grid), _cell_overlap(W, grid)
+    return torch.matmul(torch.matmul(ay, binary), ax.T)
 
 
 def grid_coverage(boxes, masks, image_hw, grid: int, threshold: float = 0.5,
-                  samples_per_cell: int | None = 8, convention: str = "torchvision") -> np.ndarray | torch.Tensor:
+                  convention: str = "torchvision") -> np.ndarray | torch.Tensor:
     """Fraction (n, G, G) of each cell of a G x G tiling of the image covered by each binarised mask.
 
-    A mask pixel counts as covered when its probability is >= ``threshold``. With ``samples_per_cell=s``
-    (default 8) the mask is evaluated at the centres of an s x s sub-grid of every cell (the same
-    continuous mask as the full-resolution paste, just sampled more coarsely): cost O(n (G s)^2) however
-    large the image, error of a cell's fraction at most about one sub-cell row along the mask boundary
-    (1/s), typically far less. ``samples_per_cell=None`` computes it exactly on the image's pixel grid
-    (cost O(n H W)).
+    Exact by pixel overlap (METHODS.md sections 2 and 8): the mask is pasted at full resolution as
+    :func:`paste_masks` does, a pixel is covered when its probability is >= ``threshold``, and each
+    pixel counts with the area it shares with the cell (cells need not align with pixels). Cost
+    O(n H W); no sub-sampling, so a small object's coverage is never an estimate.
     """
     b, m, H, W = _check(boxes, masks, image_hw)
-    return _like(_binary_coverage(b, m, H, W, grid, threshold, samples_per_cell, convention), masks)
+    binary = (_sample(b, m, H, W, H, W, convention) >= threshold).to(torch.float32)
+    return _like(_cell_fractions(binary, H, W, grid), masks)
 
 
-def merged_grid_coverage(boxes, masks, image_hw, grid: int, threshold: float = 0.5, samples_per_cell: int | None = 8,
+def merged_grid_coverage(boxes, masks, image_hw, grid: int, threshold: float = 0.5,
                          convention: str = "torchvision") -> np.ndarray | torch.Tensor:
     """Fraction (G, G) of each cell covered by the union of the binarised masks (all zero when n = 0).
 
-    The merged mask of ICA (METHODS.md section 2) at grid resolution; sampling as in
-    :func:`grid_coverage`.
+    The merged mask of ICA (METHODS.md section 2) at grid resolution, exact as :func:`grid_coverage`.
     """
     b, m, H, W = _check(boxes, masks, image_hw)
-    if samples_per_cell is None:
-        union = (_sample(b, m, H, W, H, W, convention) >= threshold).any(dim=0, keepdim=True).to(torch.float32)
-        ay, ax = _cell_overlap(H, grid), _cell_overlap(W, grid)
-        out = torch.matmul(torch.matmul(ay, union[0]), ax.T)
-    else:
-        if grid < 1 or samples_per_cell < 1:
-            raise ValueError(f"grid and samples_per_cell must be >= 1, got {grid}, {samples_per_cell}")
-        s = int(samples_per_cell)
-        union = (_sample(b, m, H, W, grid * s, grid * s, convention) >= threshold).any(dim=0).to(torch.float32)
-        out = union.reshape(grid, s, grid, s).mean(dim=(1, 3))
-    return _like(out, masks)
+    union = (_sample(b, m, H, W, H, W, convention) >= threshold).any(dim=0).to(torch.float32)
+    return _like(_cell_fractions(union, H, W, grid), masks)
 
 
 def region_inside_fraction(region_boxes, full_mask) -> np.ndarray | torch.Tensor:

@@ -8,7 +8,9 @@ from vlcache.stages.train.attention_metrics import (
     attended_sets,
     attention_correctness,
     attention_prf,
+    reference_sets,
 )
+from vlcache.stages.train.ica import ica_labels
 
 
 def test_attended_set_stops_once_half_the_mass_is_reached():
@@ -64,3 +66,26 @@ def test_attention_correctness_weights_partial_coverage():
     torch.testing.assert_close(out2, out)
     with pytest.raises(ValueError, match=r"fractions in \[0, 1\]"):
         attention_correctness(weights, coverage * 3)
+
+
+def test_reference_has_no_fallback_and_skipped_words_are_counted():
+    """METHODS §8: the reference is the fragments >= 50% inside the mask, nothing else; a word whose
+    reference is empty is not scored and is counted (ICA's largest-coverage fallback is training-only)."""
+    fraction = torch.tensor([[0.6, 0.5, 0.1, 0.0],   # two fragments at/above one half
+                             [0.3, 0.4, 0.1, 0.0],   # a small object: no fragment reaches one half
+                             [0.0, 0.0, 0.0, 0.0],   # no mask at all
+                             [0.9, 0.2, 0.7, 0.0]])  # third fragment is padding
+    valid = torch.tensor([[True] * 4, [True] * 4, [True] * 4, [True, True, False, False]])
+    ref = reference_sets(fraction, 0.5, valid)
+    assert ref.tolist() == [[True, True, False, False], [False] * 4, [False] * 4, [True, False, False, False]]
+    labels, keep = ica_labels(fraction)  # the training labels do fall back to the best-covered cell
+    assert labels[1].tolist() == [0, 1, 0, 0] and keep.tolist() == [True, True, False, True]
+    weights = torch.tensor([[0.1, 0.6, 0.2, 0.1], [0.1, 0.7, 0.1, 0.1], [0.25] * 4, [0.3, 0.1, 0.4, 0.2]])
+    out = attention_prf(weights, ref)
+    # row 0: A = {1} inside G = {0, 1}: P 1, R 1/2; row 3: A = {2, 0} (0.6 then 0.2), G = {0}: P 1/2, R 1
+    assert out["n_words"] == 2 and out["n_skipped"] == 2
+    assert out["precision"] == pytest.approx(0.75) and out["recall"] == pytest.approx(0.75)
+    with pytest.raises(ValueError, match=r"fractions in \[0, 1\]"):
+        reference_sets(fraction * 2)
+    with pytest.raises(ValueError, match="does not match"):
+        reference_sets(fraction, valid=valid[:, :2])

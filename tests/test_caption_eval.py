@@ -98,14 +98,23 @@ def test_attention_metrics_recomputed_caption_by_caption(evaluated):
                         alphas.append(out["alphas"][0, k])
                         coverage.append(torch.as_tensor(store.merged_mask(row, c, k, size="grid")).reshape(-1))
     alphas, coverage = torch.stack(alphas), torch.stack(coverage)
-    labels, keep = ica_labels(coverage)
-    prf = attention_prf(alphas[keep], labels[keep] > 0)
-    assert scores["attn_words"] == int(keep.sum()) == prf["n_words"]
+    # METHODS §8: reference = cells covered >= 50%, no fallback; a word without one is not scored
+    reference = coverage >= 0.5 - 1e-6
+    scored = reference.any(dim=1)
+    _, has_mask = ica_labels(coverage)  # words whose class has a mask at all
+    small = has_mask & ~scored  # ICA's training labels would give these their best-covered cell
+    assert int(small.sum()) > 0, "the store must have small masks, or this test cannot tell the rules apart"
+    assert scores["attn_words"] == int(scored.sum())
+    assert scores["attn_words_skipped"] == len(coverage) - int(scored.sum())
+    assert scores["attn_words_small_mask"] == int(small.sum())
+    assert scores["attn_words_no_mask"] == int((~has_mask).sum())
+    prf = attention_prf(alphas[scored], reference[scored])
     assert scores["attn_precision"] == pytest.approx(prf["precision"], abs=1e-5)
     assert scores["attn_recall"] == pytest.approx(prf["recall"], abs=1e-5)
     assert scores["attn_f1"] == pytest.approx(prf["f1"], abs=1e-5)
-    corr = attention_correctness(alphas[keep], coverage[keep]).mean()
+    corr = attention_correctness(alphas[scored], coverage[scored]).mean()
     assert scores["attn_correctness"] == pytest.approx(float(corr), abs=1e-5)
+    assert scores["attn_correctness_uniform"] == pytest.approx(float(coverage[scored].mean()), abs=1e-5)
 
 
 def test_evaluation_refuses_another_store(evaluated, tmp_path):

@@ -191,6 +191,9 @@ def test_early_stopping_and_config_guard(synth, tmp_path):
         train_caption(cfg, tmp_path / "run", resume=False, progress=False)
     with pytest.raises(ValueError, match="store is required"):
         train_caption(CaptionTrainConfig(), tmp_path / "other", progress=False)
+    with pytest.raises(ValueError, match=r"loss_recipe must be one of \['sgrvinod', 'xu-theano'\], got 'xu'"):
+        train_caption(CaptionTrainConfig(store=url, loss_recipe="xu"), tmp_path / "other", progress=False)
+    assert not (tmp_path / "other").exists()  # refused before anything is written
 
 
 class _Crash(RuntimeError):
@@ -355,3 +358,26 @@ def test_feat_norm_training_saves_statistics_and_evaluation_uses_them(synth, tmp
         train_caption(CaptionTrainConfig(**{**cfg.__dict__, "feat_norm": "none"}), tmp_path / "run", progress=False)
     with pytest.raises(ValueError, match="feat_norm must be"):
         train_caption(CaptionTrainConfig(**{**cfg.__dict__, "feat_norm": "zscore"}), tmp_path / "x", progress=False)
+
+
+def test_training_step_uses_the_configured_loss_recipe(synth):
+    """loss_recipe reduces CE and the doubly stochastic term as METHODS §1 says: sgrvinod by default,
+    Xu et al.'s Theano reductions one option away (same model, same batch: the ratios are exact)."""
+    from vlcache.stages.train.caption_train import step_losses
+    from vlcache.stages.train.sat import ShowAttendTell
+
+    url, _, vocab = synth
+    b = _batch(url, vocab, [0, 1, 2])
+    torch.manual_seed(0)
+    model = ShowAttendTell(len(vocab), 2048, 16, 16, 16, dropout=0.0)
+    with torch.no_grad():
+        sg = step_losses(model, b, CaptionTrainConfig(store=url, ica_weight=0.0), torch.device("cpu"))
+        xu = step_losses(model, b, CaptionTrainConfig(store=url, ica_weight=0.0, loss_recipe="xu-theano"),
+                         torch.device("cpu"))
+        out = model(b["feats"], b["captions"], b["lengths"], img_index=b["img_index"])
+    n_captions, n_tokens, cells = b["captions"].shape[0], int((b["lengths"] - 1).sum()), b["feats"].shape[1]
+    assert float(xu["xent"]) == pytest.approx(float(sg["xent"]) * n_tokens / n_captions, rel=1e-5)
+    assert float(xu["ds"]) == pytest.approx(float(sg["ds"]) * n_captions, rel=1e-5)
+    per = (1 - (out["alphas"] * out["mask"][..., None]).sum(1)) ** 2  # (captions, cells)
+    assert float(sg["ds"]) == pytest.approx(float(per.sum()) / (n_captions * cells), rel=1e-5)
+    assert float(sg["loss"]) == pytest.approx(float(sg["xent"] + sg["ds"]), rel=1e-6)

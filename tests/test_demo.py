@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import yaml
+
 
 def test_demo_runs_every_stage_and_prints_the_tables(tmp_path):
     out = tmp_path / "demo"
@@ -20,4 +22,7 @@ def test_demo_runs_every_stage_and_prints_the_tables(tmp_path):
         scores = json.loads((out / "runs" / "ica" / run / "eval" / "scores.json").read_text())
         assert 0 <= scores["CIDEr"] and 0 <= scores["attn_precision"] <= 1
         assert any((out / "runs" / "ica" / run / "figures").glob("attention_test_*.png"))
+        # the demo trains with the published loss balance (METHODS §1), not an alpha_c workaround
+        config = yaml.safe_load((out / "runs" / "ica" / run / "config.yaml").read_text())
+        assert config["loss_recipe"] == "sgrvinod" and config["alpha_c"] == 1.0
     assert (out / "store.zarr").is_dir() and (out / "runs" / "scan" / "eval").is_dir()

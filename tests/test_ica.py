@@ -40,7 +40,7 @@ def test_ica_labels_threshold_fallback_and_drop():
 def test_ica_labels_reject_bad_coverage():
     with pytest.raises(ValueError, match=r"fractions in \[0, 1\]"):
         ica_labels(torch.tensor([[0.2, 1.7]]))
-    with pytest.raises(ValueError, match=r"\(n, P\)"):
+    with pytest.raises(ValueError, match=r"must be \(n, p\)"):
         ica_labels(torch.zeros(3))
     with pytest.raises(ValueError, match="threshold"):
         ica_labels(torch.zeros(1, 4), threshold=0.0)

@@ -187,3 +187,26 @@ def test_match_ablation_writes_a_table_and_reuses_finished_runs(synth, tmp_path)
     again = run_match_ablation(synth, "scan", **kw)
     assert again["rows"] == res["rows"]
     assert {p: p.stat().st_mtime for p in stamps} == stamps  # nothing retrained
+
+
+def test_attention_metrics_score_only_words_with_a_region_half_inside(scan_run, synth):
+    """METHODS §8, no fallback: a word is scored only when a region lies >= 50% inside its merged mask
+    (computed here through the notebook API); the others are counted as skipped, not scored against
+    ICA's largest-fraction fallback."""
+    from vlcache.storage.masks import region_inside_fraction
+
+    _, vocab, _, cfg = load_match_run(scan_run)
+    data = load_split(make_dataset(cfg, "test", vocab, "all", True))
+    store = open_store(synth)
+    strict = []
+    for j in range(len(data["match_txt"])):
+        t = int(data["match_txt"][j])
+        row, c = int(data["rows"][data["txt_img"][t]]), int(data["caption"][t])
+        mask = store.merged_mask(row, c, int(data["match_tok"][j, 0]), score_threshold=cfg.ica_score_threshold)
+        boxes = store.regions(row)["boxes"]
+        strict.append(bool((region_inside_fraction(boxes, mask) >= 0.5 - 1e-6).any()))
+    strict = torch.tensor(strict)
+    assert bool((data["match_has_ref"] & ~strict).any())  # words the old fallback scored exist here
+    s = evaluate_match(scan_run, "test", figures=0, device="cpu")
+    assert s["attn_words"] == int(strict.sum()) > 0
+    assert s["attn_words_skipped"] == s["matched_words"] - s["attn_words"] == int((~strict).sum())

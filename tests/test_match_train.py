@@ -75,6 +75,8 @@ def test_batch_positions_and_region_labels_agree_with_the_store(synth, cache):
         frac[:len(reg["boxes"])] = region_inside_fraction(reg["boxes"], mask)
         want, ok = region_labels(torch.from_numpy(frac)[None], 0.5, b["region_mask"][b["txt_img"][t]])
         assert torch.equal(b["match_labels"][j], want[0]) and bool(b["match_has_ref"][j]) == bool(ok[0])
+        # the metrics' reference: the same rule without the fallback (METHODS §8)
+        assert torch.equal(b["match_reference"][j], (torch.from_numpy(frac) >= 0.5) & b["region_mask"][b["txt_img"][t]])
     assert b["match_has_ref"].float().mean() > 0.8
     # MMCA from the cache: the word's positions are the BERT pieces inside its character span.
     mb = _batch(MatchTrainConfig(model="mmca", store=synth, text_cache=cache, **TINY), None, 12, cache=cache)

@@ -132,7 +132,8 @@ def test_evaluation_writes_scores_report_and_box_figures(slan_run):
     for k in ("attn_precision", "attn_recall", "attn_f1", "box_inside_before", "box_inside_after",
               "box_iou_before", "box_iou_after", "box_moved"):
         assert 0.0 <= s[k] <= 1.0, k
-    assert 0 < s["box_words"] == s["attn_words"] <= s["matched_words"] and 1 <= s["kept_regions"] <= 4
+    assert 0 < s["attn_words"] <= s["box_words"] <= s["matched_words"] and 1 <= s["kept_regions"] <= 4
+    assert s["attn_words"] + s["attn_words_skipped"] == s["matched_words"]  # METHODS §8: skipped words counted
     assert json.loads((run / "eval" / "scores_test.json").read_text())["box_iou_after"] == s["box_iou_after"]
     report = (run / "report.md").read_text()
     assert "before / after adaptation" in report and f"{s['box_inside_after']:.2f}" in report

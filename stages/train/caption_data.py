@@ -15,7 +15,7 @@ threshold is a training option. For every token k of a matched span of caption s
 * the decoder step that predicts token k is step k (``<start>`` sits at position 0, see ``sat``);
 * the merged mask is the union of the instances of class c with score >= ``score_threshold``, its grid
   coverage comes from :func:`~vlcache.storage.masks.merged_grid_coverage` (pixels binarised at
-  probability 0.5), and the label map from :func:`~vlcache.stages.train.ica.ica_labels` (cells covered
+  probability 0.5, cell fractions exact by pixel overlap), and the label map from :func:`~vlcache.stages.train.ica.ica_labels` (cells covered
   >= 50%, else the cell(s) of largest coverage). A word whose class has no instance above the threshold
   (or whose mask covers no cell) cannot be supervised and is dropped; ``ica_dropped`` counts those.
 """
@@ -157,7 +157,6 @@ class CaptionTransform:
     score_threshold: float = 0.5
     cover_threshold: float = 0.5
     mask_threshold: float = 0.5
-    samples_per_cell: int = 8
     mask_paste: str = "torchvision"  # the store's pasting convention (store_info's "mask_paste", METHODS §12)
     url: str = "store"
 
@@ -227,7 +226,7 @@ class CaptionTransform:
                     if keep.any():
                         cov = merged_grid_coverage(torch.from_numpy(boxes[b, :n][keep]),
                                                    torch.from_numpy(masks[b, :n][keep]), tuple(hw[b]),
-                                                   self.grid_size, self.mask_threshold, self.samples_per_cell,
+                                                   self.grid_size, self.mask_threshold,
                                                    convention=self.mask_paste)
                         coverage_of[key] = cov.reshape(P)
                     else:

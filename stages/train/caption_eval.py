@@ -7,10 +7,12 @@ validated) and, streaming the split from the store the run was trained on (its f
   (BLEU-1..4, METEOR, ROUGE-L, CIDEr; SPICE when its CoreNLP jars are present, else a note);
 * measures attention against the pseudo masks (METHODS.md section 8): the model is teacher-forced on the
   ground-truth captions; for every matched word token, the attention ``alpha`` of the step predicting it
-  is compared with the word's merged-mask grid coverage. Reference cells: coverage >= 0.5 with the ICA
-  non-empty rule (:func:`ica.ica_labels`); attended set: top cells until half the mass; precision, recall,
-  F1 averaged over words; correctness = sum of alpha inside the mask (sum_i alpha_i * coverage_i). The
-  correctness of uniform attention (the mean coverage) is reported beside it as the chance level;
+  is compared with the word's merged-mask grid coverage (exact pixel overlap). Reference cells: coverage
+  >= 0.5, no fallback (:func:`attention_metrics.reference_sets`); a word with no such cell is not scored
+  and is counted in ``attn_words_skipped``. Attended set: top cells until half the mass; precision,
+  recall, F1 and correctness (sum of alpha inside the mask, sum_i alpha_i * coverage_i) averaged over
+  the scored words. The correctness of uniform attention (the mean coverage of the scored words) is
+  reported beside it as the chance level;
 * writes ``eval/captions_<split>.json`` and ``eval/scores_<split>.json`` (the test split also as
   ``eval/captions.json``/``eval/scores.json``), attention-over-image figures in ``figures/`` and
   ``report.md``.
@@ -29,7 +31,7 @@ from tqdm import tqdm
 
 from ...pipeline.runs import RunDir, check_run_store
 from ...storage.store import open_store
-from .attention_metrics import attention_correctness, attention_prf
+from .attention_metrics import attention_correctness, attention_prf, reference_sets
 from .caption_data import (CaptionBatches, CaptionTransform, caption_loader, split_rows, store_fingerprint,
                            store_info)
 from .caption_metrics import CaptionScorer, score_captions, tokenize
@@ -52,12 +54,13 @@ def decode_split(model: ShowAttendTell, loader, vocab: Vocab, beam_size: int, ma
     Returns (items, attn): items are ``{"row", "image_id", "caption", "references"}`` in loader order.
     With ``attention`` (the loader's transform must build ICA targets) ``attn`` holds, over all matched
     word tokens of the ground-truth captions, ``alphas`` and ``energies`` (m, P) teacher-forced attention
-    and its pre-softmax energies, ``labels`` and ``coverage`` (m, P), and ``words``: per token (row,
-    caption index, token index, class id).
+    and its pre-softmax energies, ``labels`` (ICA's training labels) and ``coverage`` (m, P), ``words``:
+    per token (row, caption index, token index, class id), and ``no_mask``: matched tokens left out
+    because their class has no instance mask above the score threshold (their reference is empty).
     """
     model.eval()
     items, alphas, energies, labels, coverage, words = [], [], [], [], [], []
-    n_samples = n_pairs = 0
+    n_samples = n_pairs = no_mask = 0
     for batch in tqdm(loader, desc="decode", disable=not progress, leave=False):
         feats = batch["feats"].to(device)
         seqs = model.beam_search(feats, beam_size=beam_size, max_len=max_len)
@@ -75,12 +78,13 @@ def decode_split(model: ShowAttendTell, loader, vocab: Vocab, beam_size: int, ma
             rows = batch["rows"][batch["img_index"][s]]
             words += list(zip(rows.tolist(), batch["cap_index"][s].tolist(), t.tolist(), batch["ica_class"].tolist()))
             n_samples += int(batch["captions"].shape[0])
+            no_mask += int(batch["ica_dropped"])
             n_pairs += len({(int(a), int(c)) for a, c in zip(s, batch["ica_class"])})
     attn = {}
     if attention:
         cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0, 0)  # noqa: E731
         attn = {"alphas": cat(alphas), "energies": cat(energies), "labels": cat(labels), "coverage": cat(coverage), "words": words,
-                "objects_per_caption": n_pairs / max(n_samples, 1)}
+                "no_mask": no_mask, "objects_per_caption": n_pairs / max(n_samples, 1)}
     return items, attn
 
 
@@ -101,27 +105,39 @@ def quick_scores(items: list[dict]) -> dict:
 def attention_scores(attn: dict) -> dict:
     """Section 8 metrics over the matched word tokens of :func:`decode_split`'s ``attn``, and diagnostics.
 
+    Scored words: those with a non-empty reference (cells covered >= 50%, no fallback); every metric,
+    the chance level included, averages over the same words. ``attn_words_skipped`` counts the others:
+    masks covering no cell by half (``attn_words_small_mask``) plus words with no mask at all
+    (``attn_words_no_mask``).
+
     The diagnostics say *how* a model attends, which the section 8 metrics cannot tell apart (a flat map
-    and a map that misses the object can score alike): ``attn_energy_spread``, the std of a step's
-    pre-softmax energies across cells (0 = uniform attention); ``attn_energy_gap``, mean energy of
-    labelled minus unlabelled cells; ``attn_mass_on_labels``, attention on labelled cells (uniform
-    attention puts ``attn_label_share`` there); ``attn_ica_loss``, the ICA loss of these steps (1 for a
-    flat map at energy 0, the hinge's kink: raising the labelled cells by d lowers it only by d times the
-    labelled share of cells).
+    and a map that misses the object can score alike); they use ICA's training labels (with their
+    fallback) over every supervised word: ``attn_energy_spread``, the std of a step's pre-softmax
+    energies across cells (0 = uniform attention); ``attn_energy_gap``, mean energy of labelled minus
+    unlabelled cells; ``attn_mass_on_labels``, attention on labelled cells (uniform attention puts
+    ``attn_label_share`` there); ``attn_ica_loss``, the ICA loss of these steps (1 for a flat map at
+    energy 0, the hinge's kink: raising the labelled cells by d lowers it only by d times the labelled
+    share of cells).
     """
     n = int(attn["alphas"].shape[0]) if attn else 0
+    no_mask = int(attn.get("no_mask", 0)) if attn else 0
     keys = ("attn_precision", "attn_recall", "attn_f1", "attn_correctness", "attn_correctness_uniform",
             "attn_energy_spread", "attn_energy_gap", "attn_mass_on_labels", "attn_label_share", "attn_ica_loss")
     if n == 0:
-        return {**dict.fromkeys(keys, float("nan")), "attn_words": 0}
-    labelled = attn["labels"] > 0
-    prf = attention_prf(attn["alphas"], labelled)
-    corr = attention_correctness(attn["alphas"], attn["coverage"])
+        return {**dict.fromkeys(keys, float("nan")), "attn_words": 0, "attn_words_skipped": no_mask,
+                "attn_words_small_mask": 0, "attn_words_no_mask": no_mask}
+    reference = reference_sets(attn["coverage"], 0.5, what="coverage")
+    scored = reference.any(dim=1)
+    prf = attention_prf(attn["alphas"], reference)
+    cov = attn["coverage"][scored].float()
+    nan = float("nan")
     out = {"attn_precision": prf["precision"], "attn_recall": prf["recall"], "attn_f1": prf["f1"],
-           "attn_correctness": float(corr.mean()),
-           "attn_correctness_uniform": float(attn["coverage"].float().mean()),  # uniform attention's mass
-           "attn_words": prf["n_words"]}
+           "attn_correctness": float(attention_correctness(attn["alphas"][scored], cov).mean()) if len(cov) else nan,
+           "attn_correctness_uniform": float(cov.mean()) if len(cov) else nan,  # uniform attention's mass
+           "attn_words": prf["n_words"], "attn_words_skipped": prf["n_skipped"] + no_mask,
+           "attn_words_small_mask": prf["n_skipped"], "attn_words_no_mask": no_mask}
     e = attn.get("energies")
+    labelled = attn["labels"] > 0
     if e is not None and e.shape == labelled.shape:
         y = labelled.float()
         pos = (e * y).sum(1) / y.sum(1).clamp_min(1)
@@ -307,7 +323,10 @@ def _write_report(run: RunDir, scores: dict, config: dict, figures: list[Path]) 
              "| metric | value |", "|---|---|"]
     lines += [f"| {name} | {_fmt(scores.get(key))} |" for name, key in rows if key in scores]
     lines += ["", f"Attention metrics over {scores.get('attn_words', 0)} matched word tokens of the ground-truth "
-              f"captions (teacher forcing); {_fmt(scores.get('objects_per_caption'))} matched objects per caption.", ""]
+              f"captions (teacher forcing); {scores.get('attn_words_skipped', 0)} matched tokens not scored "
+              f"(reference empty: {scores.get('attn_words_small_mask', 0)} masks cover no cell by half, "
+              f"{scores.get('attn_words_no_mask', 0)} have no mask above the score threshold); "
+              f"{_fmt(scores.get('objects_per_caption'))} matched objects per caption.", ""]
     if scores["notes"]:
         lines += ["Notes:", ""] + [f"- {n}" for n in scores["notes"]] + [""]
     lines += ["## How this was made", "",
@@ -316,8 +335,8 @@ def _write_report(run: RunDir, scores: dict, config: dict, figures: list[Path]) 
               f"{config.get('embed_dim')}/{config.get('attn_dim')}/{config.get('hidden_dim')}, seed {config.get('seed')}",
               "- captions: batched beam search; scores: pycocoevalcap (PTB tokenizer, corpus-level)",
               "- attention (METHODS.md section 8): reference cells covered >= 50% by the word's merged mask "
-              "(else the best-covered cells), attended set = top cells up to half the attention mass; "
-              "correctness = attention mass inside the mask",
+              "(exact pixel overlap, no fallback: a word without such a cell is not scored), attended set = "
+              "top cells up to half the attention mass; correctness = attention mass inside the mask",
               f"- outputs: `eval/captions_{scores['split']}.json`, `eval/scores_{scores['split']}.json`", ""]
     if figures:
         lines += ["## Attention figures", ""] + [f"![{p.stem}](figures/{p.name})" for p in figures] + [""]

@@ -1,7 +1,8 @@
 """Train Show-Attend-Tell (+ ICA loss) by streaming a store (METHODS.md sections 1-3).
 
 ``train_caption(cfg, run_dir)``: vocabulary from the train split (saved as ``vocab.json``), Adam, gradient
-clipping, loss = cross-entropy + doubly stochastic attention + ``ica_weight`` * ICA (0 = the baseline),
+clipping, loss = cross-entropy + doubly stochastic attention + ``ica_weight`` * ICA (0 = the baseline), the
+first two reduced as sgrvinod's PyTorch code does (``loss_recipe="xu-theano"``: as Xu et al.'s Theano code),
 validation after every epoch (beam search, BLEU and CIDEr), early stopping on validation CIDEr,
 checkpoints ``last`` (everything needed to resume, also mid-epoch) and ``best`` (best validation CIDEr).
 
@@ -33,7 +34,7 @@ from . import distributed as D
 from .caption_data import (CaptionBatches, CaptionTransform, caption_loader, grid_feature_stats, split_rows,
                            store_info, train_tokens)
 from .caption_eval import decode_split, quick_scores
-from .losses import caption_xent, doubly_stochastic, ica_loss
+from .losses import SAT_RECIPES, caption_xent, doubly_stochastic, ica_loss
 from .sat import ShowAttendTell
 from .vocab import Vocab
 
@@ -48,7 +49,8 @@ class CaptionTrainConfig:
     batch_images: int = 16  # images per step; every caption of each is a sample (~5x samples)
     lr: float = 4e-4
     grad_clip: float = 5.0
-    alpha_c: float = 1.0  # doubly stochastic attention weight
+    loss_recipe: str = "sgrvinod"  # sgrvinod | xu-theano: how CE and the doubly stochastic term are reduced (METHODS §1)
+    alpha_c: float = 1.0  # doubly stochastic attention weight (1 in both recipes)
     ica_weight: float = 0.1  # lambda_aux of the ICA loss; 0 = Show-Attend-Tell baseline
     ica_score_threshold: float = 0.5  # instances below this detector score are left out of merged masks
     ica_cover_threshold: float = 0.5  # a grid cell is labelled when the merged mask covers this fraction
@@ -123,13 +125,14 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 
 
 def step_losses(model, batch: dict, cfg: CaptionTrainConfig, device: torch.device) -> dict:
-    """Loss terms of one batch: L = xent + doubly stochastic + ica_weight * ICA (sections 1-2)."""
+    """Loss terms of one batch: L = xent + doubly stochastic + ica_weight * ICA (sections 1-2), the first two
+    reduced as ``cfg.loss_recipe`` says."""
     feats = batch["feats"].to(device, non_blocking=True)
     caps = batch["captions"].to(device, non_blocking=True)
     img = batch["img_index"].to(device, non_blocking=True)
     out = model(feats, caps, batch["lengths"].to(device, non_blocking=True), img_index=img)
-    xent = caption_xent(out["logits"], caps[:, 1:], out["mask"])
-    ds = doubly_stochastic(out["alphas"], out["mask"], cfg.alpha_c)
+    xent = caption_xent(out["logits"], caps[:, 1:], out["mask"], cfg.loss_recipe)
+    ds = doubly_stochastic(out["alphas"], out["mask"], cfg.alpha_c, cfg.loss_recipe)
     terms = {"xent": xent, "ds": ds}
     loss = xent + ds
     if cfg.ica_weight > 0:
@@ -173,6 +176,8 @@ def train_caption(cfg: CaptionTrainConfig, run_dir, resume: bool = True, progres
     """
     if not cfg.store:
         raise ConfigError("CaptionTrainConfig.store is required (the store to train on)")
+    if cfg.loss_recipe not in SAT_RECIPES:
+        raise ConfigError(f"loss_recipe must be one of {list(SAT_RECIPES)}, got {cfg.loss_recipe!r}")
     if cfg.feat_norm not in ("none", "standardize"):
         raise ConfigError(f"feat_norm must be 'none' or 'standardize', got {cfg.feat_norm!r}")
     if cfg.epochs < 1 or cfg.batch_images < 1:

@@ -5,7 +5,8 @@ attention grid marks the cells the merged mask M_c covers by >= 50%; when no cel
 small object) the cell(s) with the largest coverage are marked, so a matched word never gets an empty
 label. A word whose mask covers no cell at all (coverage 0 everywhere) cannot be supervised and is
 dropped through the returned ``keep`` mask. The same rule gives region labels from the fraction of
-each region box lying inside the mask (section 8's pseudo reference).
+each region box lying inside the mask. The fallback is for training labels only: the attention
+metrics' reference (section 8, ``attention_metrics.reference_sets``) has none.
 
 Coverage itself (fraction of each cell covered by the mask) is computed by
 ``vlcache.storage.masks.grid_coverage``; this module only turns it into labels.
@@ -17,29 +18,19 @@ from dataclasses import dataclass
 
 import torch
 
-_EPS = 1e-6  # absorbs float rounding in coverage that is "exactly" the threshold
+from .attention_metrics import reference_sets
 
 
 def _labels_from_fraction(frac: torch.Tensor, threshold: float, valid: torch.Tensor | None, what: str):
-    if frac.dim() != 2:
-        raise ValueError(f"{what} must be (n, P), got shape {tuple(frac.shape)}")
-    if not 0.0 < threshold <= 1.0:
-        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    """The reference rule of the metrics (>= threshold), plus the training-only largest-fraction fallback."""
+    labels = reference_sets(frac, threshold, valid, what)  # also checks shapes and range
     frac = frac.float()
-    if frac.numel() and bool(((frac < -_EPS) | (frac > 1 + _EPS) | ~torch.isfinite(frac)).any()):
-        raise ValueError(f"{what} must hold fractions in [0, 1]; got min {frac.min().item()}, max {frac.max().item()}")
-    if valid is not None:
-        valid = torch.as_tensor(valid, device=frac.device).bool()
-        if valid.dim() == 1:
-            valid = valid[None].expand_as(frac)
-        if valid.shape != frac.shape:
-            raise ValueError(f"valid mask {tuple(valid.shape)} does not match {what} {tuple(frac.shape)}")
-        frac = frac.masked_fill(~valid, 0.0)  # padded entries are never labelled
+    if valid is not None:  # padded entries are never labelled, not even by the fallback
+        frac = frac.masked_fill(~torch.as_tensor(valid, device=frac.device).bool().expand_as(frac), 0.0)
     if frac.shape[1] == 0:
         return frac.clone(), torch.zeros(frac.shape[0], dtype=torch.bool, device=frac.device)
     best = frac.max(dim=1, keepdim=True).values
     keep = best.squeeze(1) > 0
-    labels = frac >= threshold - _EPS
     fallback = ~labels.any(dim=1, keepdim=True) & (frac == best)
     labels = (labels | fallback) & keep[:, None]
     return labels.float(), keep

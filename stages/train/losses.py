@@ -18,12 +18,26 @@ def _zero(*tensors: torch.Tensor) -> torch.Tensor:
 # ---- captioning (section 1) ----------------------------------------------------------------------
 
 
-def caption_xent(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Teacher-forcing cross-entropy, mean over valid tokens (METHODS section 1).
+# The two published Show-Attend-Tell loss balances (METHODS section 1); their reductions differ.
+SAT_RECIPES = ("sgrvinod", "xu-theano")
 
-    L = -(1/|M|) sum_{(b,s) in M} log softmax(logits[b, s])[targets[b, s]],  M = {mask[b, s]}.
+
+def _check_recipe(recipe: str) -> None:
+    if recipe not in SAT_RECIPES:
+        raise ValueError(f"Show-Attend-Tell loss recipe must be one of {SAT_RECIPES}, got {recipe!r}")
+
+
+def caption_xent(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                 recipe: str = "sgrvinod") -> torch.Tensor:
+    """Teacher-forcing cross-entropy over the valid tokens M = {(b, s): mask[b, s]} (METHODS section 1).
+
+    ``sgrvinod`` (PyTorch tutorial code, our default): mean over tokens,
+        L = -(1/|M|) sum_{(b,s) in M} log p_{b,s};
+    ``xu-theano`` (Xu et al.'s arctic-captions ``capgen.py``): sum over each caption's words, mean over
+    the B captions, L = -(1/B) sum_b sum_{s: (b,s) in M} log p_{b,s}.
     logits (B, S, V), targets (B, S) long, mask (B, S) bool. Computed in fp32.
     """
+    _check_recipe(recipe)
     if logits.shape[:2] != targets.shape or targets.shape != mask.shape:
         raise ValueError(
             f"shape mismatch: logits {tuple(logits.shape)}, targets {tuple(targets.shape)}, mask {tuple(mask.shape)}"
@@ -31,20 +45,28 @@ def caption_xent(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
     mask = mask.bool()
     if not bool(mask.any()):
         return _zero(logits)
-    return F.cross_entropy(logits[mask].float(), targets[mask])
+    if recipe == "sgrvinod":
+        return F.cross_entropy(logits[mask].float(), targets[mask])
+    return F.cross_entropy(logits[mask].float(), targets[mask], reduction="sum") / mask.shape[0]
 
 
-def doubly_stochastic(alphas: torch.Tensor, mask: torch.Tensor, alpha_c: float = 1.0) -> torch.Tensor:
+def doubly_stochastic(alphas: torch.Tensor, mask: torch.Tensor, alpha_c: float = 1.0,
+                      recipe: str = "sgrvinod") -> torch.Tensor:
     """Doubly stochastic attention regulariser (METHODS section 1; Xu et al. 2015, eq. 14).
 
-    L = alpha_c * mean_b sum_i (1 - sum_{t valid} alpha[b, t, i])^2 over the P locations i.
-    alphas (B, S, P), mask (B, S) bool (invalid steps do not count towards sum_t).
-    Note: summed over locations (the paper's formula), not averaged as some public code does.
+    With D_{b,i} = (1 - sum_{t valid} alpha[b, t, i])^2 over the B captions and P locations:
+    ``sgrvinod``: alpha_c * (1/(B P)) sum_b sum_i D_{b,i} (mean over captions and locations);
+    ``xu-theano``: alpha_c * (1/P) sum_i sum_b D_{b,i} (``((1 - alphas.sum(0))**2).sum(0).mean()``:
+    summed over the minibatch's captions, averaged over locations). The paper's eq. 14 sums over
+    locations per caption; neither code does. alphas (B, S, P), mask (B, S) bool (invalid steps do not
+    count towards sum_t; Xu's batches hold captions of one length, so there are none).
     """
+    _check_recipe(recipe)
     if alphas.dim() != 3 or alphas.shape[:2] != mask.shape:
         raise ValueError(f"alphas must be (B, S, P) and mask (B, S); got {tuple(alphas.shape)}, {tuple(mask.shape)}")
     total = (alphas.float() * mask[..., None].float()).sum(dim=1)  # (B, P)
-    return alpha_c * ((1.0 - total) ** 2).sum(dim=1).mean()
+    per = (1.0 - total) ** 2
+    return alpha_c * (per.mean() if recipe == "sgrvinod" else per.sum(dim=0).mean())
 
 
 # ---- Lovász hinge (section 3) and ICA (section 2) ---------------------------------------------------

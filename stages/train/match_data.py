@@ -13,7 +13,8 @@ A batch is a dict of tensors built in the DataLoader worker from one :class:`Sto
 - matched words ``n`` (class-word matches of those captions): ``match_txt``, ``match_class``,
   ``match_char``/``match_tok`` spans, ``match_pos (n, L)`` pooling weights over the word's text
   positions (its Karpathy tokens for SCAN; its BERT word pieces via character offsets for MMCA/SLAN; rows
-  sum to 1), and region labels ``match_labels (n, R)`` with ``match_has_ref (n,)``.
+  sum to 1), region labels ``match_labels (n, R)`` with ``match_has_ref (n,)``, and the attention
+  metrics' reference ``match_reference (n, R)`` bool (the labels' rule without their fallback).
 
 Captions per step (``captions``): ``"each"`` (default; SCAN/VSE++) makes an epoch every caption of the
 split once, shuffled at caption level within windows of blocks (``caption_sampler``): a batch is B
@@ -40,6 +41,7 @@ from ...storage.backends import open_backend
 from ...storage.errors import StoreError
 from ...storage.masks import paste_convention, paste_masks, region_inside_fraction
 from ...storage.streaming import BlockSampler, StoreBatchDataset
+from .attention_metrics import reference_sets
 from .caption_sampler import CaptionBatchSampler
 from .ica import region_labels
 from .text_encoders import char_span_to_token_mask
@@ -80,16 +82,18 @@ def image_masks(inst: dict, i: int, score_threshold: float,
 
 
 def merged_region_labels(masks: np.ndarray, classes: np.ndarray, cls: int, boxes: np.ndarray, count: int,
-                         inside_threshold: float) -> tuple[torch.Tensor, bool]:
-    """Region labels (R,) float for class ``cls`` (union of its ``masks``) and whether they are non-empty."""
+                         inside_threshold: float) -> tuple[torch.Tensor, bool, torch.Tensor]:
+    """Region labels (R,) float for class ``cls`` (union of its ``masks``), whether they are non-empty,
+    and the attention metrics' reference (R,) bool: the same rule without the fallback (METHODS §8)."""
     R = boxes.shape[0]
     sel = classes == cls
     if not sel.any() or count == 0:
-        return torch.zeros(R), False
+        return torch.zeros(R), False, torch.zeros(R, dtype=torch.bool)
     frac = np.zeros(R, np.float32)
     frac[:count] = region_inside_fraction(boxes[:count], masks[sel].any(axis=0))
-    labels, ok = region_labels(torch.from_numpy(frac)[None], inside_threshold, torch.arange(R) < count)
-    return labels[0], bool(ok[0])
+    frac_t, valid = torch.from_numpy(frac)[None], torch.arange(R) < count
+    labels, ok = region_labels(frac_t, inside_threshold, valid)
+    return labels[0], bool(ok[0]), reference_sets(frac_t, inside_threshold, valid)[0]
 
 
 def resolve_positions(batch: dict, kind: str) -> dict:
@@ -199,7 +203,7 @@ def _matches(b: dict, txt_img, cap, R: int, score_threshold: float, inside_thres
         empty = torch.zeros(0, dtype=torch.long)
         return {"match_txt": empty, "match_class": empty, "match_char": torch.zeros(0, 2, dtype=torch.long),
                 "match_tok": torch.zeros(0, 2, dtype=torch.long), "match_labels": torch.zeros(0, R),
-                "match_has_ref": torch.zeros(0, dtype=torch.bool)}
+                "match_has_ref": torch.zeros(0, dtype=torch.bool), "match_reference": torch.zeros(0, R, dtype=torch.bool)}
     cnt = np.asarray(b["matches/count"])[txt_img, cap].astype(int)
     spans = np.asarray(b["matches/span"])[txt_img, cap]
     labs = np.asarray(b["matches/label"])[txt_img, cap]
@@ -207,6 +211,7 @@ def _matches(b: dict, txt_img, cap, R: int, score_threshold: float, inside_thres
     k_idx = np.concatenate([np.arange(c) for c in cnt]) if P else np.zeros(0, int)
     sp, cls = spans[p_idx, k_idx].astype(np.int64).reshape(-1, 4), labs[p_idx, k_idx].astype(np.int64)
     labels, has_ref = torch.zeros(len(p_idx), R), torch.zeros(len(p_idx), dtype=torch.bool)
+    reference = torch.zeros(len(p_idx), R, dtype=torch.bool)
     if "instances/count" in b:
         pasted: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         memo: dict[tuple[int, int], tuple[torch.Tensor, bool]] = {}
@@ -217,10 +222,10 @@ def _matches(b: dict, txt_img, cap, R: int, score_threshold: float, inside_thres
                     pasted[i] = image_masks(b, i, score_threshold, mask_paste)
                 memo[i, c] = merged_region_labels(*pasted[i], c, np.asarray(b["regions/boxes"][i]),
                                                   int(b["regions/count"][i]), inside_threshold)
-            labels[j], has_ref[j] = memo[i, c]
+            labels[j], has_ref[j], reference[j] = memo[i, c]
     return {"match_txt": torch.from_numpy(p_idx.astype(np.int64)), "match_class": torch.from_numpy(cls),
             "match_char": torch.from_numpy(sp[:, 2:4].copy()), "match_tok": torch.from_numpy(sp[:, 0:2].copy()),
-            "match_labels": labels, "match_has_ref": has_ref}
+            "match_labels": labels, "match_has_ref": has_ref, "match_reference": reference}
 
 
 class MatchDataset(Dataset):

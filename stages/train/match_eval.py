@@ -98,7 +98,8 @@ def query_attention(net, data: dict, txt: torch.Tensor, pos: torch.Tensor, devic
 
 def _prf(weights: torch.Tensor, reference: torch.Tensor) -> dict:
     res = attention_prf(weights, reference) if len(weights) else attention_prf(torch.ones(0, 1), torch.zeros(0, 1))
-    return {f"attn_{k}" if k != "n_words" else "attn_words": v for k, v in res.items()}
+    names = {"n_words": "attn_words", "n_skipped": "attn_words_skipped"}
+    return {names.get(k, f"attn_{k}"): v for k, v in res.items()}
 
 
 def evaluate_match(run_dir, split: str = "test", rerank_top: int | None = None, entities=None, figures: int = 6,
@@ -159,8 +160,9 @@ def evaluate_match(run_dir, split: str = "test", rerank_top: int | None = None, 
         scores.update(loc["summary"])
     else:
         weights = query_attention(net, data, data["match_txt"][has], data["match_pos"][has], dev)
-    scores.update(_prf(weights, data["match_labels"][has] > 0))
-    scores["attn_reference"] = "pseudo: regions >= 50% inside the word's merged mask"
+    scores.update(_prf(weights, data["match_reference"][has]))  # no fallback: empty references are skipped
+    scores["attn_words_skipped"] = scores["matched_words"] - scores["attn_words"]
+    scores["attn_reference"] = "pseudo: regions >= 50% inside the word's merged mask (no fallback)"
     if not len(data["match_txt"]):
         notes.append("the store has no class-word matches: no attention metrics")
     if entities is not None:
@@ -254,7 +256,7 @@ def attention_figures(run: RunDir, store, data: dict, weights: torch.Tensor, has
         text = data["texts"][t]
         nreg = int(data["region_mask"][i].sum())
         fig = attention_figure(image, data["region_boxes"][i, :nreg].numpy(), weights[k, :nreg].numpy(),
-                               (data["match_labels"][j, :nreg] > 0).numpy(),
+                               data["match_reference"][j, :nreg].numpy(),
                                f"row {row}: '{text[cs:ce]}'\n{text}")
         path = run.figures / f"match_attention_{split}_row{row:06d}.png"
         paths.append(run.save_figure(fig, path))
