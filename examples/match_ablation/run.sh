@@ -18,9 +18,9 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # one thread a process: several pr
   --set features.min_regions=4 --set features.fixed_regions=4 --set block_size=32 && touch store.done; }
 [ -f text.done ] || { $V store text-cache --store store.zarr --out text.zarr && touch text.done; }
 
-# Caption-level epochs (the default): 800 training captions, so 2 epochs of batch 32 = 50 steps.
-SCAN=(--store store.zarr --model scan --name scan-ablation --runs-root runs --set epochs=2 --set lr_decay_epoch=1
-      --set batch_size=32 --set embed=128 --set word_dim=64 --set region_norm=true --set lr=5e-4
+# Caption-level epochs (the default): 800 training captions, so 4 epochs of batch 32 = 100 steps.
+SCAN=(--store store.zarr --model scan --name scan-ablation --runs-root runs --set epochs=4 --set lr_decay_epoch=3
+      --set batch_size=32 --set embed=256 --set word_dim=128 --set region_norm=true --set lr=5e-4
       --set num_workers=0 --set log_every=25)
 SLAN=(--store store.zarr --text-cache text.zarr --name slan-ablation --runs-root runs --set epochs=1
       --set batch_size=16 --set num_workers=0 --set log_every=25)
