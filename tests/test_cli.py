@@ -236,7 +236,6 @@ def test_ctrl_c_stops_promptly_says_where_and_how_to_resume(tmp_path):
     from vlcache.storage.backends import open_backend
     from vlcache.storage.store import open_store
 
-    # enough images that a slow, loaded machine cannot finish between the poll and the signal
     n = 40
     generate(tmp_path / "synth", n_images=n, seed=1, size=(48, 48))
     url = tmp_path / "s.zarr"
@@ -244,8 +243,10 @@ def test_ctrl_c_stops_promptly_says_where_and_how_to_resume(tmp_path):
             tmp_path / "synth" / "instances.json", "--out", url, *CHEAP[:CHEAP.index("--num-workers")],
             "--num-workers", "1", "--batch-size", "1", *CHEAP[CHEAP.index("--set"):]]
     # a terminal's Ctrl-C signals the whole foreground process group: the CLI and its decode worker
+    # each block takes 0.5 s longer (tests/helpers/cli_probe.py), so the run is surely still going when signalled
     proc = subprocess.Popen([sys.executable, str(PROBE), *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "VLCACHE_PROBE_BLOCK_SLEEP": "0.5"})
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         try:
