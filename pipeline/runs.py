@@ -122,15 +122,10 @@ class RunDir:
         """``eval/<name>`` as strict JSON: a non-finite number is written as ``null``, and the scores'
         ``notes`` say which and why (JSON has no NaN; ``json.dumps`` would write a bare ``NaN``). ``scores``
         itself is cleaned the same way, in place, so the report and the printed scores agree with the file."""
-        clean, nulls = finite_json(scores)
-        if nulls:
-            notes = list(clean.get("notes") or [])
-            clean["notes"] = notes + [null_note(nulls)]
+        path = self.eval / name
+        clean = write_strict_json(path, scores)
         scores.clear()
         scores.update(clean)
-        path = self.eval / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(path, json.dumps(clean, indent=1, default=_jsonable, allow_nan=False))
         step = scores.get("step") if isinstance(scores.get("step"), int) else 0
         if name.startswith("scores_"):  # scores.json repeats scores_test.json
             self._tb_scalars(f"eval_{Path(name).stem[len('scores_'):]}", clean, step)
@@ -194,6 +189,17 @@ def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_strict_json(path: Path, obj: dict) -> dict:
+    """Write ``obj`` to ``path`` atomically as strict JSON: a non-finite number becomes ``null`` and a
+    note in ``obj["notes"]`` says which and why (a bare ``NaN`` is not JSON). Returns the cleaned dict."""
+    clean, nulls = finite_json(obj)
+    if nulls:
+        clean["notes"] = list(clean.get("notes") or []) + [null_note(nulls)]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(Path(path), json.dumps(clean, indent=1, default=_jsonable, allow_nan=False))
+    return clean
 
 
 def _jsonable(x):

@@ -142,6 +142,23 @@ def test_finite_json_replaces_every_non_finite_number():
     json.dumps(clean, allow_nan=False)
 
 
+def test_ablation_summary_with_one_seed_is_strict_json(tmp_path):
+    """One seed has no standard deviation: ablation.json says null (and why), never a bare NaN."""
+    from vlcache.pipeline.runs import write_strict_json
+    from vlcache.stages.train.experiment import summarize
+
+    rows = [{"variant": "base", "seed": 0, "CIDEr": 0.5}, {"variant": "+ICA", "seed": 0, "CIDEr": float("nan")}]
+    result = {"rows": rows, "summary": summarize(rows, ["CIDEr"])}
+    write_strict_json(tmp_path / "ablation.json", result)
+
+    def refuse(constant):
+        raise AssertionError(f"bare {constant} in ablation.json")
+
+    saved = json.loads((tmp_path / "ablation.json").read_text(), parse_constant=refuse)
+    assert saved["rows"][1]["CIDEr"] is None
+    assert any("rows[1].CIDEr" in note for note in saved["notes"])
+
+
 # ------------------------------------------------------------------------------------ partial stores
 def _finish(ts):
     """Write the blocks a partial tiny store lacks (the same extraction continuing) and finalize it."""

@@ -216,6 +216,8 @@ def run_ica_experiment(store: str, seeds: int = 3, *, name: str = "ica", runs_ro
               "variants": variants, "config": to_dict(base), "rows": rows,
               "summary": summarize(rows, TABLE_METRICS), "deltas": paired_deltas(rows, ICA_VARIANTS[0], TABLE_METRICS),
               "table": table, "notes": notes}
-    (root / "ablation.json").write_text(json.dumps(result, indent=1))
+    from ...pipeline.runs import write_strict_json
+
+    result = write_strict_json(root / "ablation.json", result)
     result["path"] = str(root)
     return result

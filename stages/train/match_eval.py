@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...pipeline.runs import RunDir, check_run_store
+from ...pipeline.runs import RunDir, check_run_store, write_strict_json
 from ...storage.backends import open_backend
 from ...storage.store import open_store
 from . import slan_train
@@ -182,12 +182,6 @@ def evaluate_match(run_dir, split: str = "test", rerank_top: int | None = None, 
                                         boxes, loc, figures, split)
     write_report(run, scores, config, paths)
     return scores
-
-
-def _json_default(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return str(x)
 
 
 # ------------------------------------------------------------------------------------------- figures
@@ -408,6 +402,6 @@ def write_ablation(root: Path, heading: str, intro: str, shared: str, *, base, s
     result = {"name": root.name, "store": store, "model": model, "split": split, "seeds": seed_list,
               "variants": variants, "config": to_dict(base), "rows": rows,
               "summary": summarize(rows, metrics), "deltas": paired_deltas(rows, baseline, metrics), "table": table}
-    (root / "ablation.json").write_text(json.dumps(result, indent=1, default=_json_default))
+    result = write_strict_json(root / "ablation.json", result)
     result["path"] = str(root)
     return result
