@@ -137,7 +137,7 @@ def test_sampler_reads_ahead_before_rows_are_yielded(tiny_store_factory, monkeyp
     assert len(announced) == len(set(announced)) == len({r // 4 for r in plain})
     assert list(sampler) != [] and [r for r in sampler] == plain
     files = []
-    monkeypatch.setattr("vlcache.storage.streaming.readahead", lambda paths: files.extend(paths))
+    monkeypatch.setattr("vlcache.storage.block_reader.readahead", lambda paths: files.extend(paths))
     loader.dataset.reader.readahead([3])
     assert sorted(Path(f).relative_to(ts.url).as_posix() for f in files) == ["regions/feats/c/3/0/0"]
     assert all(Path(f).is_file() for f in files)

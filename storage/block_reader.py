@@ -1,0 +1,158 @@
+"""Reading a store's rows block by block, in the process that reads: the engine of the streaming datasets.
+
+:class:`BlockReader` opens the store lazily in the process that reads (the process id is checked, so no
+file handle crosses a DataLoader fork), keeps a small LRU of read blocks (``cache_blocks`` per array, so a
+window's blocks are read once), and gathers a batch's rows block by block, one ``np.take`` per block and
+array straight into the batch tensor. Local stores' chunks are read by :mod:`.chunks` (memory-mapped,
+checksums checked once per process); everything else through the backend.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from torch.utils.data import get_worker_info
+
+from .backends import HDF5_SUFFIXES, is_local, local_path, open_backend
+from .chunks import ChunkFiles, readahead
+from .errors import StoreError
+from .schema import DONE, STR
+from .zarr_backend import chunk_key
+
+__all__ = ["BlockReader", "empty_tensor"]
+
+
+class BlockReader:
+    """Per-process lazy backend plus an LRU of decoded blocks; pickles without handle or cache."""
+
+    def __init__(self, url, fields, storage_options=None, cache_blocks: int = 4, threads: int = 2,
+                 direct: bool = True):
+        if not fields:
+            raise ValueError("fields must name at least one store array, e.g. ['regions/feats']")
+        self.url = os.fspath(url)
+        self.fields = list(fields)
+        self.storage_options = storage_options
+        self.cache_blocks = max(1, int(cache_blocks))
+        self.threads = max(1, int(threads))
+        self.direct = bool(direct)
+        backend = open_backend(self.url, "r", storage_options=storage_options)  # validate now, in the parent
+        try:
+            missing = [f for f in self.fields if not backend.has(f)]
+            if missing:
+                raise StoreError(f"store {self.url} has no array(s) {missing}; arrays: {backend.arrays()}")
+            self.block_size = backend.chunk_rows()
+            self.num_rows = backend.layout.num_rows
+            self.specs = {f: backend.spec(f) for f in self.fields}
+        finally:
+            backend.close()
+        self._reset()
+
+    def _reset(self):
+        self._backend, self._files, self._pid, self._cache, self._pool = None, None, None, OrderedDict(), None
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.update(_backend=None, _files=None, _pid=None, _cache=OrderedDict(), _pool=None)
+        return state
+
+    def backend(self):
+        if self._pid != os.getpid():  # first use in this process (or a forked copy): open our own handle
+            self._reset()
+            self._backend = open_backend(self.url, "r", storage_options=self.storage_options)
+            if self.direct:  # local Zarr: chunk files read directly (storage/chunks.py)
+                self._files = ChunkFiles.for_backend(self._backend, [*self.fields, DONE])
+            self._pid = os.getpid()
+        return self._backend
+
+    def readahead(self, blocks) -> None:
+        """Start reading ``blocks`` of every field into the page cache (local Zarr stores; any process: the
+        sampler calls it from the main process for the blocks DataLoader workers will read next)."""
+        if not self.direct or not is_local(self.url) or self.url.rstrip("/").lower().endswith(HDF5_SUFFIXES):
+            return
+        root = local_path(self.url)
+        readahead(os.path.join(root, chunk_key(f, b, len(spec.row_shape)))
+                  for b in blocks for f, spec in self.specs.items() if spec.dtype != STR)
+
+    def _load(self, path: str, b: int) -> np.ndarray:
+        """Block ``b`` of ``path``: from its chunk file when the fast path reads it, else through the backend."""
+        data = self._files.read_block(path, b) if self._files is not None else None
+        return self._backend.read_block(path, b) if data is None else data
+
+    def block(self, path: str, b: int) -> np.ndarray:
+        return self.blocks(path, [b])[b]
+
+    def blocks(self, path: str, wanted: list[int]) -> dict[int, np.ndarray]:
+        """Decoded blocks of ``path``; the missing ones are read concurrently (Zarr's codecs release the
+        GIL, so a new window's blocks decode on several cores; HDF5 reads serialise in h5py anyway)."""
+        out, missing = {}, []
+        for b in wanted:
+            hit = self._cache.get((path, b))
+            if hit is None:
+                missing.append(b)
+            else:
+                self._cache.move_to_end((path, b))
+                out[b] = hit
+        backend = self.backend()
+        if len(missing) > 1 and self.threads > 1 and backend.kind == "zarr":
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="vlcache-read")
+            loaded = list(self._pool.map(lambda b: self._load(path, b), missing))
+        else:
+            loaded = [self._load(path, b) for b in missing]
+        limit = self.cache_blocks * (len(self.fields) + 1)
+        for b, data in zip(missing, loaded):
+            data.flags.writeable = False  # handed out as views: a caller's write must not poison the cache
+            self._cache[(path, b)] = out[b] = data
+            while len(self._cache) > limit:
+                self._cache.popitem(last=False)
+        return out
+
+    def check_done(self, rows: np.ndarray) -> None:
+        for b in np.unique(rows // self.block_size).tolist():
+            sel = rows[rows // self.block_size == b]
+            flags = self.block(DONE, b)[sel - b * self.block_size]
+            if not flags.all():
+                bad = int(sel[np.flatnonzero(flags == 0)[0]])
+                raise StoreError(f"store {self.url}: row {bad} is not extracted yet (images/done is 0)")
+
+    def gather(self, rows: np.ndarray) -> tuple[np.ndarray, dict]:
+        """Rows of every field, regrouped by block (stable): returns (rows in output order, arrays).
+
+        Grouping lets each block's rows be copied with one ``np.take`` straight into a contiguous slice
+        of the batch array: one copy per field, no per-row work. Numeric fields come back as tensors;
+        inside a DataLoader worker they are allocated in shared memory, so sending the batch to the main
+        process copies nothing more (the same trick as torch's default collate).
+        """
+        if rows.size and (rows.min() < 0 or rows.max() >= self.num_rows):
+            raise IndexError(f"store {self.url}: row index out of range [0, {self.num_rows})")
+        rows = rows[np.argsort(rows // self.block_size, kind="stable")]
+        self.check_done(rows)
+        blocks = rows // self.block_size
+        cuts = np.flatnonzero(np.r_[True, blocks[1:] != blocks[:-1], True]) if rows.size else np.zeros(1, int)
+        shared = get_worker_info() is not None
+        out = {}
+        for f, spec in self.specs.items():
+            shape = (rows.size, *spec.row_shape)
+            if spec.dtype == STR:
+                tensor, arr = None, np.empty(shape, dtype=object)
+            else:
+                tensor = empty_tensor(shape, np.dtype(spec.dtype), shared)
+                arr = tensor.numpy()
+            data = self.blocks(f, blocks[cuts[:-1]].tolist())
+            for s0, s1 in zip(cuts[:-1].tolist(), cuts[1:].tolist()):
+                b = int(blocks[s0])
+                np.take(data[b], rows[s0:s1] - b * self.block_size, axis=0, out=arr[s0:s1])
+            out[f] = arr if tensor is None else tensor
+        return rows, out
+
+
+def empty_tensor(shape: tuple, dtype: np.dtype, shared: bool) -> torch.Tensor:
+    tdtype = torch.from_numpy(np.empty(0, dtype)).dtype
+    if not shared:
+        return torch.empty(shape, dtype=tdtype)
+    storage = torch.UntypedStorage._new_shared(int(np.prod(shape)) * dtype.itemsize)
+    return torch.empty(0, dtype=tdtype).set_(storage, 0, shape)
