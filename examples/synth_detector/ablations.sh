@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Issue 15's comparison: the ICA, SCAN (CCR, CCS, ICA) and SLAN ablations on a store whose features come
+# from the trained synthetic detector, side by side with the same dataset's random-feature store.
+# Usage: ablations.sh [WORKDIR]   (after train.sh; WORKDIR as there)
+#   trained.zarr  the trained detector's own instances (not the annotations oracle); regions: its BUTD-selected
+#                 boxes with the box head's representation (features.region_source=detector); grid: its trunk
+#   random.zarr   the README ablations' protocol: the annotations as detector, a random-init ResNet-18
+#   trunk.zarr    the annotations as detector, the trained detector's ResNet-18 trunk (features only differ)
+# Seeds run as parallel processes; the last pass of each experiment finds every run done and writes the table.
+set -euo pipefail
+W=${1:-work/synth_detector}
+PY=${PYTHON:-python}
+V="$PY -m vlcache"
+HERE="$(cd "$(dirname "$0")" && pwd)"
+CKPT=${CKPT:-$W/detector/detector.pt}
+JOBS=${JOBS:-2}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+cd "$W"
+D=(--dataset data/dataset_synth.json --instances data/instances.json --num-workers 0)
+F=(--set features.input_size=224 --set features.grid_size=7 --set features.min_regions=6 --set features.max_regions=16
+   --set features.region_min_size=224 --set features.region_max_size=448 --set block_size=64)
+[ -f trained.done ] || { $V extract "${D[@]}" --out trained.zarr --weights "$CKPT" --set detector.min_size=128 \
+  --set detector.max_size=128 --set features.region_source=detector "${F[@]}" && touch trained.done; }
+[ -f random.done ] || { $V extract "${D[@]}" --out random.zarr --detector annotations --weights none \
+  --set features.backbone=resnet18 "${F[@]}" && touch random.done; }
+[ -f trunk.done ] || { $V extract "${D[@]}" --out trunk.zarr --detector annotations --weights "$CKPT" \
+  --set features.backbone=resnet18 "${F[@]}" && touch trunk.done; }
+for s in trained random trunk; do
+  [ -f nn_$s.json ] || $PY "$HERE/nn_accuracy.py" $s.zarr --instances data/instances.json --random resnet18 \
+    --out nn_$s.json
+done
+
+STORES=${STORES:-trained random}
+ICA=(--runs-root runs --set epochs=${ICA_EPOCHS:-5} --set batch_images=16 --set embed_dim=128 --set attn_dim=128
+     --set hidden_dim=128 --set dropout=0.3 --set num_workers=0 --set patience=0 --set checkpoint_every=0
+     --set log_every=10 --set feat_norm=standardize)
+SCAN=(--model scan --runs-root runs --set epochs=${SCAN_EPOCHS:-4} --set lr_decay_epoch=3 --set batch_size=32
+      --set embed=256 --set word_dim=128 --set region_norm=true --set lr=5e-4 --set num_workers=0 --set log_every=25)
+SLAN=(--runs-root runs --set epochs=${SLAN_EPOCHS:-1} --set batch_size=16 --set num_workers=0 --set log_every=25)
+run_seeds() {  # run_seeds CMD...: seeds 0..2 as parallel processes (at most JOBS), then the combined pass
+  for s in 0 1 2; do "$@" --seeds 1 --set seed=$s > "log_$(echo "$*" | md5sum | cut -c1-8)_$s.txt" 2>&1 &
+    while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do sleep 2; done; done
+  wait
+  "$@" --seeds 3
+}
+for s in $STORES; do
+  run_seeds $V experiment match --store $s.zarr --name scan-$s "${SCAN[@]}"
+  run_seeds $V experiment ica --store $s.zarr --name ica-$s "${ICA[@]}"
+  [ -f text-$s.done ] || { $V store text-cache --store $s.zarr --out text-$s.zarr && touch text-$s.done; }
+  run_seeds $V experiment slan --store $s.zarr --text-cache text-$s.zarr --name slan-$s "${SLAN[@]}"
+done
