@@ -20,17 +20,18 @@ from torch.utils.data import get_worker_info
 from .backends import HDF5_SUFFIXES, is_local, local_path, open_backend
 from .chunks import ChunkFiles, readahead
 from .errors import StoreError
+from .h5chunks import H5ChunkFiles, H5ChunkIndex
 from .schema import DONE, STR
 from .zarr_backend import chunk_key
 
-__all__ = ["BlockReader", "empty_tensor"]
+__all__ = ["BatchBuffers", "BlockReader", "empty_tensor"]
 
 
 class BlockReader:
     """Per-process lazy backend plus an LRU of decoded blocks; pickles without handle or cache."""
 
     def __init__(self, url, fields, storage_options=None, cache_blocks: int = 4, threads: int = 2,
-                 direct: bool = True):
+                 direct: bool = True, pin_memory: bool = False):
         if not fields:
             raise ValueError("fields must name at least one store array, e.g. ['regions/feats']")
         self.url = os.fspath(url)
@@ -39,6 +40,7 @@ class BlockReader:
         self.cache_blocks = max(1, int(cache_blocks))
         self.threads = max(1, int(threads))
         self.direct = bool(direct)
+        self.buffers = BatchBuffers(pin=pin_memory)
         backend = open_backend(self.url, "r", storage_options=storage_options)  # validate now, in the parent
         try:
             missing = [f for f in self.fields if not backend.has(f)]
@@ -47,6 +49,8 @@ class BlockReader:
             self.block_size = backend.chunk_rows()
             self.num_rows = backend.layout.num_rows
             self.specs = {f: backend.spec(f) for f in self.fields}
+            # local HDF5: where the raw chunks lie in the file, for mapping and readahead (storage/h5chunks.py)
+            self.h5_index = H5ChunkIndex.build(backend, self.fields) if self.direct else None
         finally:
             backend.close()
         self._reset()
@@ -63,14 +67,17 @@ class BlockReader:
         if self._pid != os.getpid():  # first use in this process (or a forked copy): open our own handle
             self._reset()
             self._backend = open_backend(self.url, "r", storage_options=self.storage_options)
-            if self.direct:  # local Zarr: chunk files read directly (storage/chunks.py)
-                self._files = ChunkFiles.for_backend(self._backend, [*self.fields, DONE])
+            if self.direct:  # local stores: chunks read directly (storage/chunks.py, storage/h5chunks.py)
+                self._files = (ChunkFiles.for_backend(self._backend, [*self.fields, DONE])
+                               or H5ChunkFiles.open(self._backend, self.h5_index))
             self._pid = os.getpid()
         return self._backend
 
     def readahead(self, blocks) -> None:
-        """Start reading ``blocks`` of every field into the page cache (local Zarr stores; any process: the
+        """Start reading ``blocks`` of every field into the page cache (local stores; any process: the
         sampler calls it from the main process for the blocks DataLoader workers will read next)."""
+        if self.h5_index is not None:
+            self.h5_index.readahead(blocks)  # HDF5: the mapped arrays' chunk ranges (the rest are small)
         if not self.direct or not is_local(self.url) or self.url.rstrip("/").lower().endswith(HDF5_SUFFIXES):
             return
         root = local_path(self.url)
@@ -140,18 +147,71 @@ class BlockReader:
             if spec.dtype == STR:
                 tensor, arr = None, np.empty(shape, dtype=object)
             else:
-                tensor = empty_tensor(shape, np.dtype(spec.dtype), shared)
+                # in a worker: shared memory (sent to the main process without a copy); else a reused buffer
+                tensor = (empty_tensor(shape, np.dtype(spec.dtype), True) if shared
+                          else self.buffers.get(f, shape, np.dtype(spec.dtype)))
                 arr = tensor.numpy()
             data = self.blocks(f, blocks[cuts[:-1]].tolist())
             for s0, s1 in zip(cuts[:-1].tolist(), cuts[1:].tolist()):
                 b = int(blocks[s0])
-                np.take(data[b], rows[s0:s1] - b * self.block_size, axis=0, out=arr[s0:s1])
+                # mode="clip": the rows are in range (checked above); the default "raise" makes numpy copy
+                # into a temporary and then into `out`, twice the copying (half a read's time in a profile)
+                src, dst = data[b], arr[s0:s1]
+                if not src.flags.aligned:  # a chunk at an odd offset in an HDF5 file: numpy would copy it
+                    src, dst = _as_bytes(src), _as_bytes(dst)  # whole first; row bytes copy the same
+                np.take(src, rows[s0:s1] - b * self.block_size, axis=0, out=dst, mode="clip")
             out[f] = arr if tensor is None else tensor
         return rows, out
 
 
+class BatchBuffers:
+    """Batch tensors reused across batches, for reading in the process that trains (no DataLoader workers).
+
+    A fresh batch tensor costs a page fault per 4 KiB page on its first write, as much as copying the rows
+    into it. A batch is handed out as a view of a pooled buffer, and a buffer is reused only once nothing
+    else holds its storage -- no batch, view or array of it is alive anywhere -- so reuse never overwrites
+    data a caller still has. ``per_field`` buffers at most per field (a training loop holds one batch while
+    the next is built; more in flight get fresh tensors): memory stays O(batch). ``pin``: page-locked
+    buffers (when CUDA is available), so ``DataLoader(pin_memory=True)`` has nothing left to copy.
+    """
+
+    def __init__(self, per_field: int = 3, pin: bool = False):
+        self.per_field, self.pin = int(per_field), bool(pin)
+        self._pool: dict[str, list[tuple[torch.Tensor, int]]] = {}
+
+    def __getstate__(self):
+        return {"per_field": self.per_field, "pin": self.pin, "_pool": {}}
+
+    def get(self, field: str, shape: tuple, dtype: np.dtype) -> torch.Tensor:
+        tdtype = torch_dtype(dtype)
+        pool = self._pool.setdefault(field, [])
+        for buf, idle in pool:
+            if buf.dtype == tdtype and buf.shape[1:] == shape[1:] and buf.shape[0] >= shape[0] \
+                    and _storage_refs(buf) == idle:
+                return buf[: shape[0]]
+        pin = self.pin and torch.cuda.is_available()
+        buf = torch.empty(shape, dtype=tdtype, pin_memory=pin)
+        if len(pool) < self.per_field:
+            pool.append((buf, _storage_refs(buf)))  # its count while only the pool holds it
+        return buf[: shape[0]]
+
+
+def _as_bytes(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous array as (rows, bytes per row) uint8, no copy."""
+    return a.reshape(a.shape[0], -1).view(np.uint8)
+
+
+def _storage_refs(t: torch.Tensor) -> int:
+    """How many holders the storage of ``t`` has (tensors, views, numpy arrays over it)."""
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+def torch_dtype(dtype: np.dtype) -> torch.dtype:
+    return torch.from_numpy(np.empty(0, dtype)).dtype
+
+
 def empty_tensor(shape: tuple, dtype: np.dtype, shared: bool) -> torch.Tensor:
-    tdtype = torch.from_numpy(np.empty(0, dtype)).dtype
+    tdtype = torch_dtype(dtype)
     if not shared:
         return torch.empty(shape, dtype=tdtype)
     storage = torch.UntypedStorage._new_shared(int(np.prod(shape)) * dtype.itemsize)

@@ -45,6 +45,35 @@ _checked: dict[str, tuple[int, int, int]] = {}
 _checked_lock = threading.Lock()
 
 
+def file_identity(st: os.stat_result) -> tuple[int, int, int]:
+    """(inode, size, modification time): changes when a file is replaced or rewritten."""
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def map_range(fd: int, offset: int, nbytes: int, dtype: np.dtype) -> np.ndarray:
+    """``nbytes`` at ``offset`` of the open file ``fd`` as a read-only array of ``dtype``, memory-mapped
+    (``MAP_POPULATE``); the mapping lives as long as the array (or a view of it)."""
+    base = offset - offset % mmap.ALLOCATIONGRANULARITY  # mmap offsets must be page-aligned
+    buf = mmap.mmap(fd, offset - base + nbytes, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ,
+                    offset=base)
+    return np.frombuffer(buf, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset - base)
+
+
+def readahead_ranges(file: str, ranges) -> None:
+    """Like :func:`readahead` for byte ranges ``(offset, nbytes)`` of one file (chunks inside an HDF5 file)."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    try:
+        fd = os.open(file, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        for offset, nbytes in ranges:
+            os.posix_fadvise(fd, int(offset), int(nbytes), os.POSIX_FADV_WILLNEED)
+    finally:
+        os.close(fd)
+
+
 def readahead(files) -> None:
     """Ask the kernel to read ``files`` into the page cache in the background (``POSIX_FADV_WILLNEED``; a
     no-op for cached pages and missing files). On a cold cache their reads are then in flight together,
@@ -142,17 +171,13 @@ class ChunkFiles:
     def _mapped(self, plan, path, block, fd, st, file) -> np.ndarray:
         if st.st_size != plan.nbytes + 4:
             raise self._damaged(path, block, f"has {st.st_size} bytes, expected {plan.nbytes + 4}")
-        buf = mmap.mmap(fd, st.st_size, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ)
-        identity = (st.st_ino, st.st_size, st.st_mtime_ns)
+        raw = map_range(fd, 0, st.st_size, np.dtype(np.uint8))
+        identity = file_identity(st)
         if self.verify == "always" or _checked.get(file) != identity:
-            view = memoryview(buf)
-            try:
-                self._check(view[:-4], view[-4:], path, block)
-            finally:
-                view.release()
+            self._check(raw[:-4], bytes(raw[-4:]), path, block)
             with _checked_lock:
                 _checked[file] = identity
-        return np.frombuffer(buf, dtype=plan.dtype, count=plan.nbytes // plan.dtype.itemsize)
+        return raw[:-4].view(plan.dtype)
 
     def _decoded(self, plan, path, block, fd, st) -> np.ndarray:
         raw = os.read(fd, st.st_size) if st.st_size else b""

@@ -42,14 +42,16 @@ class StoreDataset(Dataset):
     ``rows`` restricts the dataset to those rows (default: every good row of ``split``); ``len`` is
     their number and :meth:`sampler` builds the matching :class:`BlockSampler`. ``cache_blocks``: decoded
     blocks kept per array (match the sampler's ``window_blocks``); ``read_threads``: threads decoding a
-    batch's missing blocks at once (Zarr); ``direct``: read a local Zarr store's chunk files directly
-    (:mod:`.chunks`; False reads every block through Zarr, same values). Returned arrays are read-only
-    views into the cached block; :func:`collate` stacks them.
+    batch's missing blocks at once (Zarr); ``direct``: read a local store's chunks directly
+    (:mod:`.chunks`, :mod:`.h5chunks`; False reads every block through the backend, same values);
+    ``pin_memory``: batches built outside DataLoader workers go into page-locked buffers (with CUDA).
+    Returned arrays are read-only views into the cached block; :func:`collate` stacks them.
     """
 
     def __init__(self, url, fields: list[str], *, rows=None, split: str | None = None, cache_blocks: int = 4,
-                 read_threads: int = 2, storage_options: dict | None = None, direct: bool = True):
-        self.reader = BlockReader(url, fields, storage_options, cache_blocks, read_threads, direct)
+                 read_threads: int = 2, storage_options: dict | None = None, direct: bool = True,
+                 pin_memory: bool = False):
+        self.reader = BlockReader(url, fields, storage_options, cache_blocks, read_threads, direct, pin_memory)
         if rows is None:
             backend = open_backend(os.fspath(url), "r", storage_options=storage_options)
             try:
@@ -132,12 +134,17 @@ def stream_loader(url, fields: list[str], batch_size: int, *, split: str | None 
     Call ``sampler.set_epoch(e)`` each epoch; save ``sampler.state_dict(position=batches * batch_size)``
     to resume mid-epoch. Workers each open the store themselves. The batches depend on the sampler
     settings (``lanes`` included), never on ``num_workers``; ``lanes == num_workers`` is fastest. Other
-    keywords go to the DataLoader (e.g. ``pin_memory=True``: batches land in pinned memory for GPU copies).
+    keywords go to the DataLoader (e.g. ``pin_memory=True``: batches land in pinned memory for GPU copies;
+    without workers they are built there directly, in reused buffers).
+
+    Without workers a batch's tensors are views of buffers that are reused once nothing holds them any
+    more (:class:`~.block_reader.BatchBuffers`): keep a batch (or a view of it) and it stays intact.
     """
     # A worker sees ceil(lanes / workers) lanes' windows at a time (all of them without workers): cache them.
     per_reader = -(-lanes // num_workers) if num_workers else lanes
     ds = StoreBatchDataset(url, fields, rows=rows, split=split, cache_blocks=window_blocks * per_reader,
-                           read_threads=read_threads, storage_options=storage_options, direct=direct)
+                           read_threads=read_threads, storage_options=storage_options, direct=direct,
+                           pin_memory=bool(loader_kw.get("pin_memory")) and num_workers == 0)
     sampler = ds.sampler(shuffle=shuffle, seed=seed, window_blocks=window_blocks, rank=rank,
                          world_size=world_size, drop_last=drop_last, lanes=lanes, batch_size=batch_size)
     # The sampler runs ahead of the readers (DataLoader prefetching): it starts the page-cache reads of the

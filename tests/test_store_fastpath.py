@@ -6,15 +6,20 @@ code (commit 3c2523b) with ``make_tiny_store(n=10, block_size=4)``.
 """
 
 import json
+import mmap
 import os
 import shutil
+import tracemalloc
+from dataclasses import replace
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
 
 from vlcache.storage.errors import CorruptChunkError
+from conftest import TINY_CAPS
 from vlcache.storage.sharing import copy_store, diff_stores
 from vlcache.storage.streaming import StoreBatchDataset, stream_loader
 
@@ -141,3 +146,71 @@ def test_sampler_reads_ahead_before_rows_are_yielded(tiny_store_factory, monkeyp
     loader.dataset.reader.readahead([3])
     assert sorted(Path(f).relative_to(ts.url).as_posix() for f in files) == ["regions/feats/c/3/0/0"]
     assert all(Path(f).is_file() for f in files)
+
+
+def mapped(a: np.ndarray) -> bool:
+    while isinstance(a, (np.ndarray, memoryview)):
+        a = a.obj if isinstance(a, memoryview) else a.base
+    return isinstance(a, mmap.mmap)
+
+
+def test_hdf5_fast_path_maps_checked_chunks(tiny_store_factory):
+    """HDF5: a raw chunk is read through h5py (fletcher32) the first time, memory-mapped after; same batches."""
+    ts = tiny_store_factory("fast.h5", n=20, block_size=8)
+    ds = StoreBatchDataset(ts.url, FIELDS, cache_blocks=1)
+    assert sorted(ds.reader.h5_index.arrays) == ["grid/feats", "regions/feats"]  # raw float16 only
+    first = ds.reader.block("regions/feats", 1)
+    assert not mapped(first)
+    ds.reader._cache.clear()
+    again = ds.reader.block("regions/feats", 1)
+    assert mapped(again) and not again.flags.writeable
+    np.testing.assert_array_equal(again, first)
+    fast = batches(ts.url, direct=True)
+    assert_same(fast, batches(ts.url, direct=False))
+    assert_same(fast, batches(ts.url, direct=True, workers=2))
+    for b in fast:
+        np.testing.assert_array_equal(b["regions/feats"].numpy(), ts.truth["regions/feats"][b["row"].numpy()])
+
+
+def test_hdf5_flipped_byte_is_caught_on_fast_path(tiny_store_factory):
+    ts = tiny_store_factory("flip.h5", n=20, block_size=8)
+    with h5py.File(ts.url, "r") as f:
+        info = f["regions/feats"].id.get_chunk_info_by_coord((8, 0, 0))
+    flip(Path(ts.url), info.byte_offset + 7)
+    ds = StoreBatchDataset(ts.url, ["regions/feats"])
+    np.testing.assert_array_equal(ds[[0, 1]]["regions/feats"].numpy(), ts.truth["regions/feats"][[0, 1]])
+    with pytest.raises(CorruptChunkError, match=r"'regions/feats' chunk \(1, 0, 0\) failed its checksum \(fletcher32\)"):
+        ds[[9]]
+
+
+def test_batches_reuse_buffers_only_when_released(tiny_store_factory):
+    """Without workers a batch is built in a pooled buffer, reused only once nothing holds the last one."""
+    ts = tiny_store_factory("pool.zarr", n=20, block_size=8)
+    ds = StoreBatchDataset(ts.url, ["regions/feats"])
+    held = ds[[0, 1, 2]]
+    kept = held["regions/feats"][1:]  # a view keeps the storage alive
+    del held
+    other = ds[[8, 9, 10]]
+    np.testing.assert_array_equal(kept.numpy(), ts.truth["regions/feats"][[1, 2]])  # not overwritten
+    ptr = other["regions/feats"].data_ptr()
+    del other
+    again = ds[[16, 17]]
+    assert again["regions/feats"].data_ptr() == ptr  # released: reused, no new allocation
+    np.testing.assert_array_equal(again["regions/feats"].numpy(), ts.truth["regions/feats"][[16, 17]])
+
+
+def test_gather_copies_rows_once(tiny_store_factory):
+    """Rows go straight into the batch: no temporary the size of the batch (numpy's np.take with the
+    default mode='raise' buffers `out`, copying every row twice)."""
+    ts = tiny_store_factory("once.zarr", n=16, block_size=8, caps=replace(TINY_CAPS, region_dim=1024))
+    reader = StoreBatchDataset(ts.url, ["regions/feats"]).reader
+    rows = np.arange(8)
+    reader.gather(rows)  # blocks cached, buffers allocated
+    tracemalloc.start()
+    try:
+        _, out = reader.gather(rows)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(out["regions/feats"].numpy(), ts.truth["regions/feats"][rows])
+    assert peak < out["regions/feats"].numpy().nbytes / 2, peak
