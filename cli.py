@@ -343,7 +343,7 @@ def store_text_cache(
     """Precompute the frozen BERT's token outputs for every caption once (MMCA/SLAN train from it)."""
     _check_device(device)
     _check_store(store)
-    from .stages.train.text_cache import build_text_cache
+    from .stages.match.text_cache import build_text_cache
 
     res = build_text_cache(store, out, bert=bert, max_len=max_len, device=device, overwrite=overwrite,
                            progress=True)
@@ -364,14 +364,14 @@ def train_caption_cmd(
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N.", show_default="auto"),
     num_workers: Optional[int] = typer.Option(None, help="Data-loading worker processes.", show_default="2"),
     allow_partial: bool = typer.Option(False, "--allow-partial", help=ALLOW_PARTIAL_HELP),
-    set_: Optional[List[str]] = typer.Option(None, "--set", show_default="none", help=SET_HELP + " Every key: vlcache/stages/train/"
-                                             "caption_train.py (CaptionTrainConfig)."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", show_default="none", help=SET_HELP + " Every key: vlcache/stages/caption/"
+                                             "train.py (CaptionTrainConfig)."),
 ):
     """Show-Attend-Tell (+ ICA loss) on the store's grid features; resumes from RUN if it exists."""
     _check_device(device)
     _check_store(store)
     from .pipeline.config import load_config
-    from .stages.train.caption_train import CaptionTrainConfig, train_caption
+    from .stages.caption.train import CaptionTrainConfig, train_caption
 
     opts = {"store": store, "ica_weight": ica_weight, "epochs": epochs, "batch_images": batch_images,
             "device": device, "num_workers": num_workers, "allow_partial": allow_partial or None}
@@ -391,7 +391,7 @@ def evaluate_caption_cmd(
 ):
     """Beam search + pycocoevalcap (BLEU, METEOR, ROUGE-L, CIDEr; SPICE if its jars exist) + attention metrics."""
     _check_run(run, "caption")
-    from .stages.train.caption_eval import evaluate_caption
+    from .stages.caption.evaluate import evaluate_caption
 
     scores = evaluate_caption(run, split, beam_size=beam_size, max_images=max_images, figures=figures,
                               progress=True)
@@ -409,7 +409,7 @@ def experiment_ica_cmd(
     set_: Optional[List[str]] = typer.Option(None, "--set", show_default="none", help=SET_HELP),
 ):
     """Baseline vs +ICA captioning with the same seeds; table of mean ± std (seed 000, Table 1)."""
-    from .stages.train.experiment import run_ica_experiment
+    from .stages.caption.experiment import run_ica_experiment
 
     res = run_ica_experiment(store, seeds, name=name, runs_root=runs_root, config_file=config, overrides=set_)
     typer.echo(res.get("table", ""))
@@ -431,14 +431,14 @@ def train_match_cmd(
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N.", show_default="auto"),
     allow_partial: bool = typer.Option(False, "--allow-partial", help=ALLOW_PARTIAL_HELP),
     config: Optional[Path] = typer.Option(None, help=CONFIG_HELP, show_default="none"),
-    set_: Optional[List[str]] = typer.Option(None, "--set", show_default="none", help=SET_HELP + " Every key: vlcache/stages/train/"
-                                             "match_train.py (MatchTrainConfig)."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", show_default="none", help=SET_HELP + " Every key: vlcache/stages/match/"
+                                             "train.py (MatchTrainConfig)."),
 ):
     """Image-text matching (SCAN, MMCA, SLAN) with optional CCR/CCS/ICA attention terms."""
     _check_device(device)
     _check_store(store)
     from .pipeline.config import load_config
-    from .stages.train.match_train import MatchTrainConfig, train_match
+    from .stages.match.train import MatchTrainConfig, train_match
 
     opts = {"model": model, "store": store, "text_cache": text_cache, "ccr": ccr, "ccs": ccs, "ica": ica,
             "epochs": epochs, "batch_size": batch_size, "device": device, "allow_partial": allow_partial or None}
@@ -461,7 +461,7 @@ def evaluate_match_cmd(
 ):
     """R@1/5/10 both ways, rsum (COCO 1K/5K, Flickr 1K), attention P/R/F1, figures, report.md."""
     _check_run(run, "match")
-    from .stages.train.match_eval import evaluate_match
+    from .stages.match.evaluate import evaluate_match
 
     scores = evaluate_match(run, split, rerank_top=rerank_top, entities=entities, figures=figures, protocol=protocol)
     typer.echo(json.dumps(scores, indent=2, default=str))
@@ -480,7 +480,7 @@ def experiment_match_cmd(
     set_: Optional[List[str]] = typer.Option(None, "--set", show_default="none", help=SET_HELP),
 ):
     """Baseline, +CCR, +CCS, +CCR+CCS, +ICA with the same seeds; table of R@K and attention metrics."""
-    from .stages.train.match_eval import run_match_ablation
+    from .stages.match.evaluate import run_match_ablation
 
     res = run_match_ablation(store, model, seeds, name=name, runs_root=runs_root,
                        config_file=config, overrides=set_, weight=weight)
@@ -499,7 +499,7 @@ def experiment_slan_cmd(
     set_: Optional[List[str]] = typer.Option(None, "--set", show_default="none", help=SET_HELP),
 ):
     """SLAN: frozen boxes vs 1, 2, 3 adaptor levels, and the filter threshold on/off (seed 003, Tables 5-6)."""
-    from .stages.train.slan_train import run_slan_ablation
+    from .stages.match.slan_train import run_slan_ablation
 
     res = run_slan_ablation(store, seeds, name=name, runs_root=runs_root, config_file=config,
                        options={"text_cache": text_cache}, overrides=set_)

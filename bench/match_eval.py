@@ -35,8 +35,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from vlcache.stages.train.mmca import MMCA
-from vlcache.stages.train.retrieval import recall_at_k, rerank_report
+from vlcache.stages.match.mmca import MMCA
+from vlcache.stages.match.retrieval import recall_at_k, rerank_report
 
 REGION_DIM, TEXT_DIM, CONCEPTS, LATENT = 256, 384, 96, 64
 

@@ -61,10 +61,11 @@ def build_store(n_images: int, size: int, input_size: int, grid: int, workdir: P
 
 
 def _setup(url: str, device: torch.device):
-    from vlcache.stages.train.caption_data import split_rows, store_info, train_tokens
-    from vlcache.stages.train.caption_train import CaptionTrainConfig
-    from vlcache.stages.train.sat import ShowAttendTell
-    from vlcache.stages.train.vocab import Vocab
+    from vlcache.stages.common.store_rows import split_rows, train_tokens
+    from vlcache.stages.caption.data import store_info
+    from vlcache.stages.caption.train import CaptionTrainConfig
+    from vlcache.stages.caption.sat import ShowAttendTell
+    from vlcache.stages.common.vocab import Vocab
 
     info = store_info(url)
     vocab = Vocab.build(train_tokens(url, split_rows(url, "train")), min_count=5)
@@ -76,7 +77,7 @@ def _setup(url: str, device: torch.device):
 
 
 def _train_step(model, opt, batch, cfg, device) -> int:
-    from vlcache.stages.train.caption_train import step_losses
+    from vlcache.stages.caption.train import step_losses
 
     terms = step_losses(model, batch, cfg, device)
     opt.zero_grad(set_to_none=True)
@@ -89,7 +90,7 @@ def _train_step(model, opt, batch, cfg, device) -> int:
 
 
 def bench_store(url: str, device: torch.device, batch_images: int, steps: int, workers: int) -> dict:
-    from vlcache.stages.train.caption_data import CaptionBatches, CaptionTransform, caption_loader
+    from vlcache.stages.caption.data import CaptionBatches, CaptionTransform, caption_loader
 
     cfg, vocab, info, model, opt = _setup(url, device)
     tf = CaptionTransform(vocab, info["grid_size"], ica=True, url=url)
@@ -119,7 +120,8 @@ def bench_online(url: str, data: Path, device: torch.device, batch_images: int, 
 
     from vlcache.stages.extract.detectors import TorchvisionDetector
     from vlcache.stages.extract.features import FeatureExtractor, grid_features
-    from vlcache.stages.train.caption_data import CaptionTransform, caption_fields, split_rows
+    from vlcache.stages.caption.data import CaptionTransform, caption_fields
+    from vlcache.stages.common.store_rows import split_rows
     from vlcache.storage.streaming import StoreBatchDataset
 
     cfg, vocab, info, model, opt = _setup(url, device)

@@ -84,7 +84,7 @@ DEMO_MATCH = ["epochs=12", "batch_size=16", "embed=256", "word_dim=128", "region
 
 
 def train_demo_captioners(url: str, out: Path, device: str) -> str:
-    from ..stages.train.experiment import run_ica_experiment
+    from ..stages.caption.experiment import run_ica_experiment
 
     _banner("4/5 Show-Attend-Tell: baseline and +ICA (vlcache experiment ica)")
     res = run_ica_experiment(url, seeds=1, name="ica", runs_root=out / "runs", figures=4,
@@ -93,8 +93,8 @@ def train_demo_captioners(url: str, out: Path, device: str) -> str:
 
 
 def train_demo_matcher(url: str, out: Path, device: str) -> dict:
-    from ..stages.train.match_eval import evaluate_match
-    from ..stages.train.match_train import MatchTrainConfig, train_match
+    from ..stages.match.evaluate import evaluate_match
+    from ..stages.match.train import MatchTrainConfig, train_match
 
     _banner("5/5 SCAN image-text matching (vlcache train match / evaluate match)")
     run = out / "runs" / "scan"

@@ -51,7 +51,7 @@ def make_synth_store(n_images: int = 48, *, size: int = 96, grid: int = 4, input
 
 def make_text_cache(store_url: str, max_len: int = 32) -> str:
     """URL of a frozen-BERT text cache of ``store_url`` (a store made by :func:`make_synth_store`); built once."""
-    from vlcache.stages.train.text_cache import build_text_cache
+    from vlcache.stages.match.text_cache import build_text_cache
 
     root = Path(store_url).parent
     url = str(root / f"text-{max_len}.zarr")

@@ -402,8 +402,8 @@ def test_help_defaults_of_training_options_are_the_configs_defaults():
     import typer
 
     from vlcache.cli import app
-    from vlcache.stages.train.caption_train import CaptionTrainConfig
-    from vlcache.stages.train.match_train import MatchTrainConfig
+    from vlcache.stages.caption.train import CaptionTrainConfig
+    from vlcache.stages.match.train import MatchTrainConfig
 
     root = typer.main.get_command(app)
     checked = 0

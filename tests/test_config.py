@@ -75,8 +75,8 @@ def _choice_fields(cls, prefix=""):
 def _project_configs():
     from vlcache.stages.detect.train import DetectorTrainConfig
     from vlcache.stages.extract.config import ExtractConfig
-    from vlcache.stages.train.caption_train import CaptionTrainConfig
-    from vlcache.stages.train.match_train import MatchTrainConfig
+    from vlcache.stages.caption.train import CaptionTrainConfig
+    from vlcache.stages.match.train import MatchTrainConfig
 
     return [ExtractConfig, CaptionTrainConfig, MatchTrainConfig, DetectorTrainConfig]
 

@@ -102,10 +102,11 @@ def test_store_pastes_with_the_recorded_convention(tiny_store_factory):
 
 
 def test_training_readers_paste_with_the_store_convention(tiny_store_factory):
-    from vlcache.stages.train.caption_data import CaptionBatches, CaptionTransform, store_info, train_tokens
-    from vlcache.stages.train.ica import region_labels
-    from vlcache.stages.train.match_data import MatchDataset, image_masks
-    from vlcache.stages.train.vocab import Vocab
+    from vlcache.stages.caption.data import CaptionBatches, CaptionTransform, store_info
+    from vlcache.stages.common.store_rows import train_tokens
+    from vlcache.stages.common.ica import region_labels
+    from vlcache.stages.match.data import MatchDataset, image_masks
+    from vlcache.stages.common.vocab import Vocab
     from vlcache.storage.masks import region_inside_fraction
 
     d2 = tiny_store_factory("d2train.zarr", n=6, block_size=3, extra_attrs=D2_ATTRS)

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlcache.stages.train.caption_eval import evaluate_caption, load_run_model
-from vlcache.stages.train.match_eval import evaluate_match
-from vlcache.stages.train.match_train import load_match_run
+from vlcache.stages.caption.evaluate import evaluate_caption, load_run_model
+from vlcache.stages.match.evaluate import evaluate_match
+from vlcache.stages.match.train import load_match_run
 
 OLD = Path(__file__).parent / "fixtures" / "old_runs"
 # Timing and where the store was: the only fields that may differ between the old and the new evaluation.

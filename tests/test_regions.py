@@ -184,7 +184,7 @@ def test_region_features_from_the_detector_box_head_end_to_end(tmp_path):
     from vlcache.stages.extract.config import ExtractConfig
     from vlcache.stages.extract.loop import extract
     from vlcache.stages.extract.models import build_models
-    from vlcache.stages.train.match_train import MatchTrainConfig, train_match
+    from vlcache.stages.match.train import MatchTrainConfig, train_match
     from vlcache.storage.backends import open_backend
 
     generate(tmp_path / "data", n_images=12, seed=0, size=(64, 64))

@@ -46,7 +46,7 @@ from vlcache.pipeline.datasets import DatasetError, load_dataset
 from vlcache.pipeline.records import karpathy_tokens
 from vlcache.pipeline.runs import RunDir
 from vlcache.pipeline.synth import generate
-from vlcache.stages.train.caption_train import CaptionTrainConfig, train_caption
+from vlcache.stages.caption.train import CaptionTrainConfig, train_caption
 from vlcache.storage.backends import open_backend
 from vlcache.storage.errors import CorruptChunkError
 from vlcache.storage.fingerprint import fingerprint
@@ -296,7 +296,7 @@ def test_extraction_killed_at_10_random_moments_resumes_to_the_uninterrupted_sto
 TRAIN_SCRIPT = r'''
 import json, sys, time, torch
 torch.set_num_threads(1)
-from vlcache.stages.train.caption_train import CaptionTrainConfig, train_caption
+from vlcache.stages.caption.train import CaptionTrainConfig, train_caption
 cfg = CaptionTrainConfig(**json.loads(sys.argv[1]))
 
 def on_step(step, terms):

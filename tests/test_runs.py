@@ -13,11 +13,11 @@ from PIL import Image
 from synth_store import make_synth_store
 
 from vlcache.pipeline.runs import RunDir, finite_json
-from vlcache.stages.train.caption_eval import evaluate_caption
-from vlcache.stages.train.caption_train import CaptionTrainConfig, train_caption
-from vlcache.stages.train.experiment import _score_cell
-from vlcache.stages.train.match_eval import evaluate_match, write_report
-from vlcache.stages.train.match_train import MatchTrainConfig, train_match
+from vlcache.stages.caption.evaluate import evaluate_caption
+from vlcache.stages.caption.train import CaptionTrainConfig, train_caption
+from vlcache.stages.common.experiment import _score_cell
+from vlcache.stages.match.evaluate import evaluate_match, write_report
+from vlcache.stages.match.train import MatchTrainConfig, train_match
 from vlcache.storage.writer import StoreWriter
 
 torch.set_num_threads(2)
@@ -145,7 +145,7 @@ def test_finite_json_replaces_every_non_finite_number():
 def test_ablation_summary_with_one_seed_is_strict_json(tmp_path):
     """One seed has no standard deviation: ablation.json says null (and why), never a bare NaN."""
     from vlcache.pipeline.runs import write_strict_json
-    from vlcache.stages.train.experiment import summarize
+    from vlcache.stages.common.experiment import summarize
 
     rows = [{"variant": "base", "seed": 0, "CIDEr": 0.5}, {"variant": "+ICA", "seed": 0, "CIDEr": float("nan")}]
     result = {"rows": rows, "summary": summarize(rows, ["CIDEr"])}

@@ -35,7 +35,7 @@ from synth_store import make_synth_store
 from vlcache.pipeline.datasets import DatasetError, load_dataset
 from vlcache.pipeline.runs import RunDir
 from vlcache.stages.extract.detectors import DetectorError, load_state_dict
-from vlcache.stages.train.caption_train import CaptionTrainConfig, train_caption
+from vlcache.stages.caption.train import CaptionTrainConfig, train_caption
 from vlcache.storage.writer import StoreWriter
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from vlcache.stages.train.experiment import paired_deltas, summarize
+from vlcache.stages.common.experiment import paired_deltas, summarize
 
 SCAN_COLS = [("i2t_r1", "i→t R@1"), ("t2i_r1", "t→i R@1"), ("rsum", "rsum"), ("attn_precision", "attn P"),
              ("attn_recall", "attn R"), ("attn_f1", "attn F1")]
