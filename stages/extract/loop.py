@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -115,6 +116,14 @@ def _collate(items):
     return items
 
 
+def _ignore_ctrl_c(_worker_id: int) -> None:
+    """Decode workers leave Ctrl-C to the main process. A terminal signals the whole process group; a worker
+    that stopped on it would leave decoded images unsent in its pipe and hang on exit until the DataLoader
+    kills it 5 s later (per worker). Ignoring it, they stay in their loop and quit as soon as the main process
+    shuts them down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def extraction_layout(records: list[ImageRecord], cfg: ExtractConfig, dims: dict) -> Layout:
     f = cfg.features
     regions = f.fixed_regions if f.region_mode == "fixed" else f.max_regions
@@ -211,6 +220,7 @@ def extract(dataset: Dataset, url: str, cfg: ExtractConfig, *, overwrite: bool =
         batch_size=cfg.runtime.batch_size,
         num_workers=cfg.runtime.num_workers,
         collate_fn=_collate,
+        worker_init_fn=_ignore_ctrl_c,
         persistent_workers=False,
     )
     bar = tqdm(total=len(rows), desc=f"extract r{rank}/{world_size}", unit="img", disable=not progress,
