@@ -228,3 +228,33 @@ def test_push_killed_midway_resumes(s3, tiny_store_factory, tmp_path):
 def attrs_complete(url) -> bool:
     with open_backend(url) as b:
         return bool(b.attr("complete"))
+
+
+def test_streaming_from_object_storage(s3, pushed):
+    """stream_loader over S3 gives the local store's batches, each chunk fetched once per epoch; an HDF5
+    file on S3 streams too (through h5py; the memory-mapped fast paths are local-only)."""
+    import torch
+
+    from vlcache.storage.streaming import stream_loader
+
+    fields = ["regions/feats", "regions/boxes", "captions/tokens"]
+
+    def epoch(url, options=None):
+        loader, _ = stream_loader(url, fields, 4, seed=3, window_blocks=2, storage_options=options)
+        return [{k: (v.clone() if isinstance(v, torch.Tensor) else v.copy()) for k, v in b.items()} for b in loader]
+
+    local = epoch(pushed.local.url)
+    s3.requests.clear()
+    remote = epoch(pushed.url, s3.options)
+    chunk_gets = [r for r in s3.requests if "/c/" in r and "/images/" not in r]
+    assert len(chunk_gets) == len(set(chunk_gets)) == 3 * len(fields), s3.requests  # 3 blocks, once each
+    flags = [r for r in s3.requests if "/images/" in r]  # done + error once to pick the rows, done once to read
+    assert sorted(flags) == sorted(f"GET /{BUCKET}/team/tiny.zarr/images/{a}/c/{b}"
+                                   for a in ("done", "error", "done") for b in range(3)), flags
+    h5_url = f"s3://{BUCKET}/team/stream.h5"
+    copy_store(pushed.local.url, h5_url, storage_options_dst=s3.options, progress=False)
+    for other in (remote, epoch(h5_url, s3.options)):
+        assert len(other) == len(local) > 0
+        for x, y in zip(local, other):
+            for k in x:
+                assert (torch.equal(x[k], y[k]) if isinstance(x[k], torch.Tensor) else np.array_equal(x[k], y[k])), k
