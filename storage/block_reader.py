@@ -9,9 +9,10 @@ checksums checked once per process); everything else through the backend.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -54,13 +55,16 @@ class BlockReader:
         finally:
             backend.close()
         self._reset()
+        self._ahead, self._ahead_pid = None, None  # the readahead thread, in the process that started it
 
     def _reset(self):
         self._backend, self._files, self._pid, self._cache, self._pool = None, None, None, OrderedDict(), None
+        self._done_blocks: set[int] = set()  # blocks whose rows are all done (checked in this process)
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state.update(_backend=None, _files=None, _pid=None, _cache=OrderedDict(), _pool=None)
+        state.update(_backend=None, _files=None, _pid=None, _cache=OrderedDict(), _pool=None, _done_blocks=set(),
+                     _ahead=None, _ahead_pid=None)
         return state
 
     def backend(self):
@@ -73,12 +77,23 @@ class BlockReader:
             self._pid = os.getpid()
         return self._backend
 
-    def readahead(self, blocks) -> None:
+    def readahead(self, blocks) -> Future | None:
         """Start reading ``blocks`` of every field into the page cache (local stores; any process: the
-        sampler calls it from the main process for the blocks DataLoader workers will read next)."""
+        sampler calls it from the main process for the blocks DataLoader workers will read next).
+
+        Returns at once: the kernel is asked from a background thread (asking costs a page-cache walk per
+        chunk even when the pages are cached, time the loop should not wait for); the future says when."""
+        if not self.direct or not is_local(self.url):
+            return None
+        if self._ahead_pid != os.getpid():
+            self._ahead = ThreadPoolExecutor(1, thread_name_prefix="vlcache-readahead")
+            self._ahead_pid = os.getpid()
+        return self._ahead.submit(self._readahead_now, list(blocks))
+
+    def _readahead_now(self, blocks) -> None:
         if self.h5_index is not None:
             self.h5_index.readahead(blocks)  # HDF5: the mapped arrays' chunk ranges (the rest are small)
-        if not self.direct or not is_local(self.url) or self.url.rstrip("/").lower().endswith(HDF5_SUFFIXES):
+        if self.url.rstrip("/").lower().endswith(HDF5_SUFFIXES):
             return
         root = local_path(self.url)
         readahead(os.path.join(root, chunk_key(f, b, len(spec.row_shape)))
@@ -118,13 +133,20 @@ class BlockReader:
                 self._cache.popitem(last=False)
         return out
 
-    def check_done(self, rows: np.ndarray) -> None:
-        for b in np.unique(rows // self.block_size).tolist():
-            sel = rows[rows // self.block_size == b]
-            flags = self.block(DONE, b)[sel - b * self.block_size]
-            if not flags.all():
-                bad = int(sel[np.flatnonzero(flags == 0)[0]])
-                raise StoreError(f"store {self.url}: row {bad} is not extracted yet (images/done is 0)")
+    def check_done(self, rows: np.ndarray, blocks: np.ndarray, cuts: np.ndarray) -> None:
+        """Every row is extracted (``rows`` grouped by block: ``blocks[cuts[i]:cuts[i+1]]`` is one block)."""
+        for s0, s1 in zip(cuts[:-1].tolist(), cuts[1:].tolist()):
+            b = int(blocks[s0])
+            if b in self._done_blocks:
+                continue
+            flags = self.block(DONE, b)
+            if flags.all():  # a done row stays done: the block needs no more checks in this process
+                self._done_blocks.add(b)
+                continue
+            sel = rows[s0:s1]
+            bad = sel[flags[sel - b * self.block_size] == 0]
+            if bad.size:
+                raise StoreError(f"store {self.url}: row {int(bad[0])} is not extracted yet (images/done is 0)")
 
     def gather(self, rows: np.ndarray) -> tuple[np.ndarray, dict]:
         """Rows of every field, regrouped by block (stable): returns (rows in output order, arrays).
@@ -137,9 +159,9 @@ class BlockReader:
         if rows.size and (rows.min() < 0 or rows.max() >= self.num_rows):
             raise IndexError(f"store {self.url}: row index out of range [0, {self.num_rows})")
         rows = rows[np.argsort(rows // self.block_size, kind="stable")]
-        self.check_done(rows)
         blocks = rows // self.block_size
         cuts = np.flatnonzero(np.r_[True, blocks[1:] != blocks[:-1], True]) if rows.size else np.zeros(1, int)
+        self.check_done(rows, blocks, cuts)
         shared = get_worker_info() is not None
         out = {}
         for f, spec in self.specs.items():
@@ -206,6 +228,7 @@ def _storage_refs(t: torch.Tensor) -> int:
     return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
 
 
+@functools.lru_cache(maxsize=None)
 def torch_dtype(dtype: np.dtype) -> torch.dtype:
     return torch.from_numpy(np.empty(0, dtype)).dtype
 

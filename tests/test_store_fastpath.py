@@ -141,9 +141,10 @@ def test_sampler_reads_ahead_before_rows_are_yielded(tiny_store_factory, monkeyp
         assert r // 4 in announced
     assert len(announced) == len(set(announced)) == len({r // 4 for r in plain})
     assert list(sampler) != [] and [r for r in sampler] == plain
+    loader.dataset.reader.readahead([]).result()  # one thread, in order: the sampler's requests are done
     files = []
     monkeypatch.setattr("vlcache.storage.block_reader.readahead", lambda paths: files.extend(paths))
-    loader.dataset.reader.readahead([3])
+    loader.dataset.reader.readahead([3]).result()  # asked from a background thread
     assert sorted(Path(f).relative_to(ts.url).as_posix() for f in files) == ["regions/feats/c/3/0/0"]
     assert all(Path(f).is_file() for f in files)
 
