@@ -118,6 +118,7 @@ class StoreWriter:
         self._write_url = staging_url(self.url) if self.kind == "hdf5" else self.url
         self._attrs = None if attrs is None else to_jsonable(attrs)
         self._given_layout = layout
+        self._repack = False  # an unpacked HDF5 file being redone (reopen): finalize packs over the old file
         check_writable_url(self.url)
         with remote_errors(self.url):  # missing credentials: one clear line, not a boto traceback
             if rank == 0:
@@ -200,7 +201,8 @@ class StoreWriter:
 
     def _packed_elsewhere(self) -> bool:
         """An HDF5 store another rank has packed meanwhile (its staging store is gone): adopt the file."""
-        if self.kind == "hdf5" and not isinstance(self.backend, HDF5Backend) and os.path.exists(local_path(self.url)):
+        if (self.kind == "hdf5" and not self._repack and not isinstance(self.backend, HDF5Backend)
+                and os.path.exists(local_path(self.url))):
             self._adopt_hdf5()
             return True
         return False
@@ -220,17 +222,38 @@ class StoreWriter:
         return self.complete or self._packed_elsewhere() or bool(done_mask(self.backend).all())
 
     def reopen(self) -> None:
-        """Make a complete Zarr store writable again (``complete`` False), so that rows can be redone
+        """Make a complete store writable again (``complete`` False), so that rows can be redone
         (``vlcache extract --retry-errors``); :meth:`finalize` marks it complete again, with a new fingerprint.
-        An HDF5 file is packed once and never rewritten in place."""
+
+        A packed HDF5 file is never written in place (a kill mid-write can corrupt one): it is unpacked into
+        its staging Zarr directory, the rows are redone there, and :meth:`finalize` packs a new file that
+        replaces the old one atomically. Until then the old file is untouched; a kill leaves it as it was
+        (and the next open deletes the staging directory)."""
         if not self.complete:
             return
-        if self.kind != "zarr":
-            raise ReadOnlyStoreError(f"store {self.url} is a packed HDF5 file; redo rows in a Zarr copy "
-                                     f"(vlcache store copy {self.url} COPY.zarr), then copy it back")
+        if self.kind == "hdf5":
+            self._unpack_hdf5()
+            return
         self.backend.close()
         self.backend = ZarrBackend(self.url, "r+", self.storage_options, force=True)
         self.backend.update_attrs(complete=False)
+
+    def _unpack_hdf5(self) -> None:
+        if self.world_size > 1:  # every rank would unpack (and repack) the whole file
+            raise ReadOnlyStoreError(f"store {self.url} is a packed HDF5 file: redo its rows in one process "
+                                     "(without torchrun)")
+        packed = self.backend
+        own = ("format", "schema_version", "layout", "complete", "store_id")
+        attrs = {k: v for k, v in packed.attrs().items() if k not in own}
+        staging = create_backend(self._write_url, self.layout, attrs, overwrite=True,
+                                 storage_options=self.storage_options)
+        staging.update_attrs(store_id=packed.attr("store_id"))  # the same store, some rows redone
+        for path in sorted(packed.arrays(), key=lambda p: p == DONE):  # done flags last, as in write_block
+            for b in range(self.layout.num_blocks):
+                staging.write_rows(path, self.layout.block_rows(b).start, packed.read_block(path, b))
+        packed.close()
+        self.backend = staging
+        self._repack = True
 
     # ------------------------------------------------------------------ writing
     def write_block(self, block: int, arrays: dict[str, np.ndarray]) -> None:
@@ -293,11 +316,12 @@ class StoreWriter:
             raise StoreError(f"store {self.url}: staging directory {staging} vanished before packing") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd closes, also when a packer is killed
-            if not os.path.exists(target):  # nobody packed while we waited for the lock
+            if self._repack or not os.path.exists(target):  # nobody packed while we waited for the lock
                 for leftover in Path(target).parent.glob(Path(target).name + ".tmp-*"):
                     leftover.unlink()  # from a packer that was killed (we hold the lock: nobody else packs)
                 attrs = {**attrs, "fingerprint": attrs.get("fingerprint") or self._fingerprint(attrs)}
-                pack_hdf5(self.backend, target, self.hdf5_compression, attrs)
+                pack_hdf5(self.backend, target, self.hdf5_compression, attrs)  # replaces a repacked file atomically
+                self._repack = False
         finally:
             os.close(fd)
         self._adopt_hdf5()

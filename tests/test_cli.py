@@ -166,9 +166,18 @@ def test_wrong_image_root_fails_before_writing_anything(synth, tmp_path):
     assert not torch_ and sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
 
 
-def test_failed_images_exit_3_and_retry_errors_redoes_only_them(synth, tmp_path):
+def _root_without_images_1_and_3(synth: Path, tmp_path: Path) -> Path:
+    """An image root "partial" that lacks images 1 and 3 of 4 (blocks of 2: each block keeps one good row)."""
     import shutil
 
+    partial = tmp_path / "partial"
+    shutil.copytree(synth / "images", partial / "images")
+    for k in (1, 3):
+        (partial / "images" / f"synth_{k:06d}.png").unlink()
+    return partial
+
+
+def test_failed_images_exit_3_and_retry_errors_redoes_only_them(synth, tmp_path):
     import numpy as np
 
     from vlcache.pipeline.config import load_config
@@ -178,11 +187,7 @@ def test_failed_images_exit_3_and_retry_errors_redoes_only_them(synth, tmp_path)
     from vlcache.storage.backends import open_backend
     from vlcache.storage.store import open_store
 
-    # root "partial" lacks images 1 and 3 (of 4; blocks of 2, so each block keeps one good row)
-    partial = tmp_path / "partial"
-    shutil.copytree(synth / "images", partial / "images")
-    for k in (1, 3):
-        (partial / "images" / f"synth_{k:06d}.png").unlink()
+    partial = _root_without_images_1_and_3(synth, tmp_path)
     url = tmp_path / "s.zarr"
     args = ["extract", "--dataset", synth / "dataset_synth.json", "--instances", synth / "instances.json",
             "--out", url, *CHEAP]
@@ -223,6 +228,59 @@ def test_failed_images_exit_3_and_retry_errors_redoes_only_them(synth, tmp_path)
                 np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), atol=1e-4, err_msg=p)
             else:
                 np.testing.assert_array_equal(got, want, err_msg=p)
+
+
+def test_retry_errors_on_a_packed_hdf5_store_repacks_it_and_a_kill_leaves_the_old_file(synth, tmp_path):
+    import hashlib
+    import signal
+    import time
+
+    import numpy as np
+
+    from vlcache.storage.backends import open_backend
+
+    partial = _root_without_images_1_and_3(synth, tmp_path)
+    url = tmp_path / "s.h5"
+    args = ["extract", "--dataset", synth / "dataset_synth.json", "--instances", synth / "instances.json",
+            "--out", url, *CHEAP]
+    code, out, err, _ = run_cli(*args, "--image-root", partial)
+    assert code == 3 and "2 bad image(s)" in out, err + out
+    with open_backend(str(url)) as b:
+        before = {p: np.asarray(b.read(p, slice(None))) for p in b.arrays()}
+        store_id, first_fingerprint = b.attr("store_id"), b.attr("fingerprint")
+    sha_before = hashlib.sha256(url.read_bytes()).hexdigest()
+
+    # killed (-9) after redoing the first block, before repacking: the packed file is as it was
+    blocks_file = tmp_path / "blocks_written"
+    proc = subprocess.Popen([sys.executable, str(PROBE), *map(str, args), "--image-root", str(synth), "--retry-errors"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "VLCACHE_PROBE_BLOCK_SLEEP": "5",
+                                 "VLCACHE_PROBE_BLOCKS_FILE": str(blocks_file)})
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None and not blocks_file.exists():
+        time.sleep(0.05)
+    assert proc.poll() is None and blocks_file.read_text() == "1"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert (tmp_path / "s.h5.partial.zarr").is_dir()  # the redone block was in the staging directory
+    assert hashlib.sha256(url.read_bytes()).hexdigest() == sha_before
+
+    code, out, err, _ = run_cli(*args, "--image-root", synth, "--retry-errors")
+    assert code == 0 and "extracted 2 images" in out and "store complete: True" in out, err + out
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("s.h5")) == ["s.h5"]  # no staging, no temp
+    with open_backend(str(url)) as b:
+        assert b.kind == "hdf5" and b.attr("complete") and b.attr("store_id") == store_id
+        assert b.attr("fingerprint") != first_fingerprint and b.attr("image_root") == str(synth.resolve())
+        after = {p: np.asarray(b.read(p, slice(None))) for p in b.arrays()}
+    assert set(after) == set(before)
+    for p, old in before.items():  # 4 rows, none duplicated; the good rows as they were, byte for byte
+        assert after[p].shape == old.shape, p
+        np.testing.assert_array_equal(after[p][[0, 2]], old[[0, 2]], err_msg=p)
+    assert list(after["images/error"]) == ["", "", "", ""] and after["images/done"].all()
+    assert (after["images/hw"][[1, 3]] == 48).all() and (after["captions/count"][[1, 3]] > 0).all()
+    assert np.abs(after["grid/feats"][[1, 3]].astype(np.float32)).sum() > 0  # features of the redone images
+    code, out, err, _ = run_cli("store", "verify", url)  # every chunk's checksum and the recorded fingerprint
+    assert code == 0, err + out
 
 
 # ------------------------------------------------------------------------------------ Ctrl-C (#13.5)

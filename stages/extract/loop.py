@@ -150,8 +150,9 @@ def extract(dataset: Dataset, url: str, cfg: ExtractConfig, *, overwrite: bool =
     """Run stage one over ``dataset`` into the store at ``url`` (created, or resumed).
 
     ``retry_errors``: also redo the done rows whose image failed (``images/error``), e.g. after fixing the
-    image root; the other rows of their blocks are written back unchanged. A complete Zarr store is reopened
-    for it and finalized again (new fingerprint). Ctrl-C stops after the blocks already handed to the writer
+    image root; the other rows of their blocks are written back unchanged. A complete store is reopened for it
+    and finalized again (new fingerprint); a packed HDF5 file is redone in its staging directory and repacked
+    (:meth:`StoreWriter.reopen`). Ctrl-C stops after the blocks already handed to the writer
     and raises ``KeyboardInterrupt`` saying how many rows are done.
     """
     if rank is None or world_size is None:
