@@ -166,15 +166,29 @@ def test_wrong_image_root_fails_before_writing_anything(synth, tmp_path):
     assert not torch_ and sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
 
 
-def _root_without_images_1_and_3(synth: Path, tmp_path: Path) -> Path:
-    """An image root "partial" that lacks images 1 and 3 of 4 (blocks of 2: each block keeps one good row)."""
+def _extract_without_images_1_and_3(synth: Path, tmp_path: Path, url: Path) -> tuple[list, Path, str]:
+    """Extract into ``url`` from an image root "partial" that lacks images 1 and 3 of 4 (blocks of 2: each
+    block keeps one good row); exit 3. Returns the command's arguments (without --image-root), that root and
+    the command's stdout."""
     import shutil
 
     partial = tmp_path / "partial"
     shutil.copytree(synth / "images", partial / "images")
     for k in (1, 3):
         (partial / "images" / f"synth_{k:06d}.png").unlink()
-    return partial
+    args = ["extract", "--dataset", synth / "dataset_synth.json", "--instances", synth / "instances.json",
+            "--out", url, *CHEAP]
+    code, out, err, _ = run_cli(*args, "--image-root", partial)
+    assert code == 3, err
+    assert "2 bad image(s) recorded in images/error" in out and "rerun with --retry-errors" in out
+    return args, partial, out
+
+
+def _all_arrays(url: Path) -> dict:
+    from vlcache.storage.backends import open_backend
+
+    with open_backend(str(url)) as b:
+        return {p: b.read(p, slice(None)) for p in b.arrays()}
 
 
 def test_failed_images_exit_3_and_retry_errors_redoes_only_them(synth, tmp_path):
@@ -187,18 +201,11 @@ def test_failed_images_exit_3_and_retry_errors_redoes_only_them(synth, tmp_path)
     from vlcache.storage.backends import open_backend
     from vlcache.storage.store import open_store
 
-    partial = _root_without_images_1_and_3(synth, tmp_path)
     url = tmp_path / "s.zarr"
-    args = ["extract", "--dataset", synth / "dataset_synth.json", "--instances", synth / "instances.json",
-            "--out", url, *CHEAP]
-    code, out, err, _ = run_cli(*args, "--image-root", partial)
-    assert code == 3, err
-    assert "2 bad image(s) recorded in images/error" in out and "rerun with --retry-errors" in out
+    args, partial, out = _extract_without_images_1_and_3(synth, tmp_path, url)
     for k in (1, 3):
         assert f"{partial / 'images' / f'synth_{k:06d}.png'}: file not found" in out
-    with open_backend(str(url)) as b:
-        before = {p: np.asarray(b.read(p, slice(None))) for p in b.arrays()}
-        first_fingerprint = b.attr("fingerprint")
+    before, first_fingerprint = _all_arrays(url), open_store(str(url)).attrs["fingerprint"]
     assert [bool(e) for e in before["images/error"]] == [False, True, False, True]
 
     # a plain rerun keeps the error rows (and still exits 3); --retry-errors with the right root redoes them
@@ -209,8 +216,7 @@ def test_failed_images_exit_3_and_retry_errors_redoes_only_them(synth, tmp_path)
     store = open_store(str(url))
     assert store.done.all() and (store.errors == "").all() and store.attrs["complete"]
     assert store.attrs["image_root"] == str(synth.resolve()) and store.attrs["fingerprint"] != first_fingerprint
-    with open_backend(str(url)) as b:
-        after = {p: np.asarray(b.read(p, slice(None))) for p in b.arrays()}
+    after = _all_arrays(url)
     for p, old in before.items():  # the good rows are written back as they were, byte for byte
         np.testing.assert_array_equal(after[p][[0, 2]], old[[0, 2]], err_msg=p)
     # and the retried store equals one extracted in one go from the right root (features up to float16
@@ -239,14 +245,10 @@ def test_retry_errors_on_a_packed_hdf5_store_repacks_it_and_a_kill_leaves_the_ol
 
     from vlcache.storage.backends import open_backend
 
-    partial = _root_without_images_1_and_3(synth, tmp_path)
     url = tmp_path / "s.h5"
-    args = ["extract", "--dataset", synth / "dataset_synth.json", "--instances", synth / "instances.json",
-            "--out", url, *CHEAP]
-    code, out, err, _ = run_cli(*args, "--image-root", partial)
-    assert code == 3 and "2 bad image(s)" in out, err + out
+    args, _, _ = _extract_without_images_1_and_3(synth, tmp_path, url)
+    before = _all_arrays(url)
     with open_backend(str(url)) as b:
-        before = {p: np.asarray(b.read(p, slice(None))) for p in b.arrays()}
         store_id, first_fingerprint = b.attr("store_id"), b.attr("fingerprint")
     sha_before = hashlib.sha256(url.read_bytes()).hexdigest()
 
@@ -271,7 +273,7 @@ def test_retry_errors_on_a_packed_hdf5_store_repacks_it_and_a_kill_leaves_the_ol
     with open_backend(str(url)) as b:
         assert b.kind == "hdf5" and b.attr("complete") and b.attr("store_id") == store_id
         assert b.attr("fingerprint") != first_fingerprint and b.attr("image_root") == str(synth.resolve())
-        after = {p: np.asarray(b.read(p, slice(None))) for p in b.arrays()}
+    after = _all_arrays(url)
     assert set(after) == set(before)
     for p, old in before.items():  # 4 rows, none duplicated; the good rows as they were, byte for byte
         assert after[p].shape == old.shape, p
