@@ -38,14 +38,16 @@ SCAN=(--model scan --runs-root runs --set epochs=${SCAN_EPOCHS:-4} --set lr_deca
       --set embed=256 --set word_dim=128 --set region_norm=true --set lr=5e-4 --set num_workers=0 --set log_every=25)
 SLAN=(--runs-root runs --set epochs=${SLAN_EPOCHS:-1} --set batch_size=16 --set num_workers=0 --set log_every=25)
 run_seeds() {  # run_seeds CMD...: seeds 0..2 as parallel processes (at most JOBS), then the combined pass
-  for s in 0 1 2; do "$@" --seeds 1 --set seed=$s > "log_$(echo "$*" | md5sum | cut -c1-8)_$s.txt" 2>&1 &
+  local seed
+  for seed in 0 1 2; do "$@" --seeds 1 --set seed=$seed > "log_$(echo "$*" | md5sum | cut -c1-8)_$seed.txt" 2>&1 &
     while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do sleep 2; done; done
   wait
   "$@" --seeds 3
 }
+# one experiment on every store before the next, so each side-by-side comparison is complete as soon as can be
+for s in $STORES; do run_seeds $V experiment match --store $s.zarr --name scan-$s "${SCAN[@]}"; done
+for s in $STORES; do run_seeds $V experiment ica --store $s.zarr --name ica-$s "${ICA[@]}"; done
 for s in $STORES; do
-  run_seeds $V experiment match --store $s.zarr --name scan-$s "${SCAN[@]}"
-  run_seeds $V experiment ica --store $s.zarr --name ica-$s "${ICA[@]}"
   [ -f text-$s.done ] || { $V store text-cache --store $s.zarr --out text-$s.zarr && touch text-$s.done; }
   run_seeds $V experiment slan --store $s.zarr --text-cache text-$s.zarr --name slan-$s "${SLAN[@]}"
 done
