@@ -31,6 +31,8 @@ for s in trained random trunk; do
 done
 
 STORES=${STORES:-trained random}
+EXPERIMENTS=${EXPERIMENTS:-scan ica slan}  # one script per experiment may run at once (each has its own run dirs)
+want() { [[ " $EXPERIMENTS " == *" $1 "* ]]; }
 ICA=(--runs-root runs --set epochs=${ICA_EPOCHS:-5} --set batch_images=16 --set embed_dim=128 --set attn_dim=128
      --set hidden_dim=128 --set dropout=0.3 --set num_workers=0 --set patience=0 --set checkpoint_every=0
      --set log_every=10 --set feat_norm=standardize)
@@ -45,9 +47,15 @@ run_seeds() {  # run_seeds CMD...: seeds 0..2 as parallel processes (at most JOB
   "$@" --seeds 3
 }
 # one experiment on every store before the next, so each side-by-side comparison is complete as soon as can be
-for s in $STORES; do run_seeds $V experiment match --store $s.zarr --name scan-$s "${SCAN[@]}"; done
-for s in $STORES; do run_seeds $V experiment ica --store $s.zarr --name ica-$s "${ICA[@]}"; done
 for s in $STORES; do
-  [ -f text-$s.done ] || { $V store text-cache --store $s.zarr --out text-$s.zarr && touch text-$s.done; }
-  run_seeds $V experiment slan --store $s.zarr --text-cache text-$s.zarr --name slan-$s "${SLAN[@]}"
+  if want scan; then run_seeds $V experiment match --store $s.zarr --name scan-$s "${SCAN[@]}"; fi
+done
+for s in $STORES; do
+  if want ica; then run_seeds $V experiment ica --store $s.zarr --name ica-$s "${ICA[@]}"; fi
+done
+for s in $STORES; do
+  if want slan; then
+    [ -f text-$s.done ] || { $V store text-cache --store $s.zarr --out text-$s.zarr && touch text-$s.done; }
+    run_seeds $V experiment slan --store $s.zarr --text-cache text-$s.zarr --name slan-$s "${SLAN[@]}"
+  fi
 done
