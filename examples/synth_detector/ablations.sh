@@ -1,34 +1,17 @@
 #!/usr/bin/env bash
 # Issue 15's comparison: the ICA, SCAN (CCR, CCS, ICA) and SLAN ablations on a store whose features come
 # from the trained synthetic detector, side by side with the same dataset's random-feature store.
-# Usage: ablations.sh [WORKDIR]   (after train.sh; WORKDIR as there)
-#   trained.zarr  the trained detector's own instances (not the annotations oracle); regions: its BUTD-selected
-#                 boxes with the box head's representation (features.region_source=detector); grid: its trunk
-#   random.zarr   the README ablations' protocol: the annotations as detector, a random-init ResNet-18
-#   trunk.zarr    the annotations as detector, the trained detector's ResNet-18 trunk (features only differ)
+# Usage: ablations.sh [WORKDIR]   (after train.sh; WORKDIR as there; the stores come from build_store.sh)
 # Seeds run as parallel processes; the last pass of each experiment finds every run done and writes the table.
 set -euo pipefail
 W=${1:-work/synth_detector}
 PY=${PYTHON:-python}
 V="$PY -m vlcache"
 HERE="$(cd "$(dirname "$0")" && pwd)"
-CKPT=${CKPT:-$W/detector/detector.pt}
 JOBS=${JOBS:-2}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+"$HERE/build_store.sh" "$W"
 cd "$W"
-D=(--dataset data/dataset_synth.json --instances data/instances.json --num-workers 0)
-F=(--set features.input_size=224 --set features.grid_size=7 --set features.min_regions=6 --set features.max_regions=16
-   --set features.region_min_size=224 --set features.region_max_size=448 --set block_size=64)
-[ -f trained.done ] || { $V extract "${D[@]}" --out trained.zarr --weights "$CKPT" --set detector.min_size=128 \
-  --set detector.max_size=128 --set features.region_source=detector "${F[@]}" && touch trained.done; }
-[ -f random.done ] || { $V extract "${D[@]}" --out random.zarr --detector annotations --weights none \
-  --set features.backbone=resnet18 "${F[@]}" && touch random.done; }
-[ -f trunk.done ] || { $V extract "${D[@]}" --out trunk.zarr --detector annotations --weights "$CKPT" \
-  --set features.backbone=resnet18 "${F[@]}" && touch trunk.done; }
-for s in trained random trunk; do
-  [ -f nn_$s.json ] || $PY "$HERE/nn_accuracy.py" $s.zarr --instances data/instances.json --random resnet18 \
-    --out nn_$s.json
-done
 
 STORES=${STORES:-trained random}
 EXPERIMENTS=${EXPERIMENTS:-scan ica slan}  # one script per experiment may run at once (each has its own run dirs)

@@ -101,7 +101,8 @@ def main() -> None:
     tr_keep, tr_x, tr_y = labelled_regions(store, gt, store.rows("train")[:args.max_train_images])
     te_keep, te_x, te_y = labelled_regions(store, gt, store.rows("test"))
     feats = store.attrs["models"]["features"]
-    results = {f"store ({feats['backbone']}, {feats['weights_id']})": nn_accuracy(tr_x, tr_y, te_x, te_y)}
+    source = store.attrs["models"].get("regions", {}).get("feature_source", f"{feats['backbone']} C5")
+    results = {f"store ({source}; weights {feats['weights_id']})": nn_accuracy(tr_x, tr_y, te_x, te_y)}
     for bb in args.random:
         rx = repooled(store, tr_keep, bb, feats["input_size"])
         ex = repooled(store, te_keep, bb, feats["input_size"])
