@@ -173,6 +173,7 @@ def test_content_change_refused_unless_overwrite(synth, tmp_path):
     # runtime options are not content: accepted, and a complete store has nothing left to do
     summary = extract(ds, url, config(batch=1, workers=2), progress=False)
     assert summary.complete and summary.images_done == 0 and summary.blocks_written == 0
+    assert summary.describe().startswith(f"extracted 0 images: every row of {url} was already done")
 
     summary = extract(ds, url, config("features.grid_size=4"), overwrite=True, progress=False)
     assert summary.complete and summary.images_done == N

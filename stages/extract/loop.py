@@ -61,11 +61,13 @@ class ExtractSummary:
         return self.images_done / self.loop_seconds if self.loop_seconds > 0 else 0.0
 
     def describe(self) -> str:
-        lines = [
-            f"extracted {self.images_done} images in {self.seconds:.1f}s ({self.setup_seconds:.1f}s loading models "
-            f"and opening the store, then {self.images_per_second:.2f} img/s) into {self.url}",
-            f"store complete: {self.complete}",
-        ]
+        if self.images_done or self.bad_images:
+            first = (f"extracted {self.images_done} images in {self.seconds:.1f}s ({self.setup_seconds:.1f}s loading "
+                     f"models and opening the store, then {self.images_per_second:.2f} img/s) into {self.url}")
+        else:  # a rerun of a finished extraction: say so, not "0.00 img/s"
+            first = (f"extracted 0 images: every row of {self.url} was already done ({self.seconds:.1f}s); "
+                     "--retry-errors redoes failed rows, --overwrite starts over")
+        lines = [first, f"store complete: {self.complete}"]
         if self.bad_images:
             lines.append(f"{len(self.bad_images)} bad image(s) recorded in images/error:")
             lines += [f"  {p}: {r}" for p, r in self.bad_images[:20]]
