@@ -480,7 +480,7 @@ def experiment_match_cmd(
     set_: Optional[List[str]] = typer.Option(None, "--set", show_default="none", help=SET_HELP),
 ):
     """Baseline, +CCR, +CCS, +CCR+CCS, +ICA with the same seeds; table of R@K and attention metrics."""
-    from .stages.match.evaluate import run_match_ablation
+    from .stages.match.ablation import run_match_ablation
 
     res = run_match_ablation(store, model, seeds, name=name, runs_root=runs_root,
                        config_file=config, overrides=set_, weight=weight)
@@ -499,7 +499,7 @@ def experiment_slan_cmd(
     set_: Optional[List[str]] = typer.Option(None, "--set", show_default="none", help=SET_HELP),
 ):
     """SLAN: frozen boxes vs 1, 2, 3 adaptor levels, and the filter threshold on/off (seed 003, Tables 5-6)."""
-    from .stages.match.slan_train import run_slan_ablation
+    from .stages.match.slan_ablation import run_slan_ablation
 
     res = run_slan_ablation(store, seeds, name=name, runs_root=runs_root, config_file=config,
                        options={"text_cache": text_cache}, overrides=set_)
@@ -575,7 +575,7 @@ def demo_cmd(
 ):
     """The whole pipeline on the built-in synthetic dataset: generate, extract, inspect, train, evaluate."""
     _check_device(device)
-    from .pipeline.demo import run_demo
+    from .demo import run_demo
 
     run_demo(out, n_images=images, device=device)
 

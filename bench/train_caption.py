@@ -118,7 +118,7 @@ def bench_store(url: str, device: torch.device, batch_images: int, steps: int, w
 def bench_online(url: str, data: Path, device: torch.device, batch_images: int, batches: int) -> dict:
     from PIL import Image
 
-    from vlcache.stages.extract.detectors import TorchvisionDetector
+    from vlcache.stages.extract.detector_torchvision import TorchvisionDetector
     from vlcache.stages.extract.features import FeatureExtractor, grid_features
     from vlcache.stages.caption.data import CaptionTransform, caption_fields
     from vlcache.stages.common.store_rows import split_rows

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from vlcache.cli import app
 from vlcache.stages.extract.detectors import D2_MISSING, DETECTORS, DetectorError
-from vlcache.stages.extract.detectors_extra import (
+from vlcache.stages.extract.detector_detectron2 import (
     ZOO_EXAMPLE,
     Detectron2MissingError,
     zoo_checkpoint_url,

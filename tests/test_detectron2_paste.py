@@ -125,7 +125,7 @@ def test_training_readers_paste_with_the_store_convention(tiny_store_factory):
         assert np.allclose(b["ica_coverage"][j].numpy(), want)
     # matching: the dataset reads the convention, pastes each image's masks with it, and labels regions
     # from the merged mask pasted the same way
-    ds = MatchDataset(d2.url, kind="scan", vocab=vocab, rows=rows)
+    ds = MatchDataset(d2.url, text="tokens", visual="regions", vocab=vocab, rows=rows)
     assert ds.mask_paste == "detectron2"
     raw = {k: (v.numpy() if torch.is_tensor(v) else v) for k, v in ds.main[list(rows)].items()}
     for i, row in enumerate(rows):

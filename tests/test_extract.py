@@ -399,10 +399,15 @@ def test_strict_stops_at_first_bad_image_and_keeps_finished_blocks(zoo, tmp_path
     assert [bool(e) for e in store.errors] == [False] * 6 + [True, False, True]
 
 
-def test_detector_registry_still_has_every_backend():
-    # the detectron2 and annotations backends moved to detectors_extra; the registry must still fill
+def test_detector_registry_has_every_backend_and_imports_each_only_when_asked():
+    # each backend is its own module below the registry, imported on first use (no cycle; detectron2 optional)
     assert DETECTORS.names() == ["annotations", "detectron2", "torchvision"]
-    from vlcache.stages.extract import detectors, detectors_extra
+    code = ("import sys\nfrom vlcache.stages.extract.detectors import DETECTORS\n"
+            "print(sorted(m.rsplit('.', 1)[1] for m in sys.modules if m.startswith('vlcache.stages.extract.detector_')))\n"
+            "DETECTORS.get('annotations')\n"
+            "print(sorted(m.rsplit('.', 1)[1] for m in sys.modules if m.startswith('vlcache.stages.extract.detector_')))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.split("\n")[:2] == ["[]", "['detector_annotations']"], r.stdout + r.stderr
+    from vlcache.stages.extract import detector_annotations
 
-    assert detectors.AnnotationsDetector is detectors_extra.AnnotationsDetector
-    assert DETECTORS.get("annotations") is detectors_extra.AnnotationsDetector
+    assert DETECTORS.get("annotations") is detector_annotations.AnnotationsDetector

@@ -17,6 +17,7 @@ from vlcache.stages.caption.evaluate import evaluate_caption
 from vlcache.stages.caption.train import CaptionTrainConfig, train_caption
 from vlcache.stages.common.experiment import _score_cell
 from vlcache.stages.match.evaluate import evaluate_match, write_report
+from vlcache.stages.match.registry import match_model
 from vlcache.stages.match.train import MatchTrainConfig, train_match
 from vlcache.storage.writer import StoreWriter
 
@@ -90,7 +91,7 @@ def test_scores_json_writes_null_not_nan_and_says_why(scan_i2t_run):
     # reports and ablation tables read null as n/a (SLAN's box scores are null when no word has a box)
     scores.update(box_inside_before=None, box_iou_before=None, box_inside_after=None, box_iou_after=None,
                   box_words=0, kept_regions=None, box_moved=None)
-    write_report(RunDir(run), scores, RunDir(run).read_config(), [])
+    write_report(RunDir(run), scores, RunDir(run).read_config(), [], match_model("slan"))  # SLAN's section
     assert "n/a% of the words' boxes moved" in (run / "report.md").read_text()
     assert _score_cell(None) == _score_cell(float("nan")) == "n/a" and _score_cell(0.25) == "0.2500"
 

@@ -112,16 +112,15 @@ def evaluate_detector(run_dir, split: str = "val", checkpoint: str | None = None
     ``RUN/eval/detections_<split>.json`` and ``RUN/eval/scores_<split>.json``."""
     from ...pipeline.config import from_dict
     from ...pipeline.runs import RunDir
+    from .config import DetectorTrainConfig
     from .data import DetectorData
-    from .model import checkpoint_meta, model_from_meta
+    from ..extract.maskrcnn import checkpoint_meta, model_from_meta
     from ..extract.detectors import load_state_dict
 
     run = RunDir(run_dir)
     cfg = run.read_config()
     if split != "val":
         raise ValueError(f"split {split!r}: a detector run evaluates on its validation images (val)")
-    from .train import DetectorTrainConfig
-
     c = from_dict(DetectorTrainConfig, cfg, str(run.config_path))
     data = DetectorData.load([Path(p) for p in c.instances], Path(c.dataset) if c.dataset else None,
                              Path(c.image_root) if c.image_root else None, [Path(p) for p in c.val_instances],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..extract.detectors import fetch_torchvision_weights, load_state_dict, sha256_file
-from .model import DetectorCheckpointError
+from ..extract.maskrcnn import DetectorCheckpointError
 
 
 def init_backbone(model: torch.nn.Module, backbone: str, weights: str) -> str:

@@ -69,7 +69,7 @@ class FeatureExtractor(nn.Module):
             net = getattr(torchvision.models, backbone)(weights=None, zero_init_residual=True)
             self.weights_id = "none (random init, zero_init_residual=True)"
         else:
-            from ..detect.model import backbone_body_state, checkpoint_meta
+            from .maskrcnn import backbone_body_state, checkpoint_meta
 
             sd, meta = load_state_dict(weights, "feature"), checkpoint_meta(weights)
             if meta is not None:  # a `vlcache train detector` checkpoint: its own trained ResNet trunk

@@ -51,9 +51,9 @@ IMAGE_FIELDS = ["images/id", "images/hw", "regions/count", "regions/feats", "reg
 MATCH_FIELDS = ["matches/count", "matches/span", "matches/label"]
 INSTANCE_FIELDS = ["instances/count", "instances/labels", "instances/scores", "instances/boxes", "instances/masks"]
 CACHE_FIELDS = ["text/hidden", "text/mask", "text/offsets"]
-KINDS = ("scan", "mmca", "slan")
+TEXTS = ("tokens", "bert")  # a model reads vocabulary token ids (SCAN) | frozen BERT outputs (MMCA, SLAN)
+VISUALS = ("regions", "grid")  # a model reads region features (SCAN, MMCA) | the grid feature map (SLAN)
 CAPTION_MODES = ("each", "one", "all")  # captions per epoch/step (module doc)
-BERT_KINDS = ("mmca", "slan")  # text from BERT (cache or online)
 TEXT_KEYS = ("tokens", "lengths", "words", "word_mask", "offsets")  # per-caption text tensors of a batch
 IMAGE_KEYS = ("rows", "regions", "grid", "region_mask", "region_boxes", "hw")  # per-image tensors of a batch
 
@@ -96,17 +96,18 @@ def merged_region_labels(masks: np.ndarray, classes: np.ndarray, cls: int, boxes
     return labels[0], bool(ok[0]), reference_sets(frac_t, inside_threshold, valid)[0]
 
 
-def resolve_positions(batch: dict, kind: str) -> dict:
+def resolve_positions(batch: dict, text: str) -> dict:
     """Fill ``match_pos`` (n, L) from the text representation and drop matched words that have no text
-    position (truncated away). SCAN: Karpathy tokens [start, end) at positions +1 (``<start>`` first),
-    inside the encoded length. MMCA/SLAN: BERT word pieces overlapping the word's character span."""
+    position (truncated away). ``text="tokens"`` (SCAN): Karpathy tokens [start, end) at positions +1
+    (``<start>`` first), inside the encoded length. ``"bert"`` (MMCA/SLAN): BERT word pieces overlapping
+    the word's character span."""
     n = batch["match_txt"].shape[0]
-    if kind == "scan":
+    if text == "tokens":
         T = batch["tokens"].shape[1]
         pos = torch.arange(T)[None]
         tok, last = batch["match_tok"], batch["lengths"][batch["match_txt"]] - 1  # <end> is at length - 1
         hit = (pos >= tok[:, :1] + 1) & (pos < tok[:, 1:] + 1) & (pos < last[:, None])
-    elif kind in BERT_KINDS:
+    elif text == "bert":
         offs = batch["offsets"]
         hit = torch.zeros(n, offs.shape[1], dtype=torch.bool)
         for j in range(n):
@@ -114,7 +115,7 @@ def resolve_positions(batch: dict, kind: str) -> dict:
             if ce > cs >= 0:
                 hit[j] = char_span_to_token_mask(offs[batch["match_txt"][j]], cs, ce)
     else:
-        raise ValueError(f"model kind must be one of {KINDS}, got {kind!r}")
+        raise ValueError(f"text must be one of {TEXTS}, got {text!r}")
     keep = hit.any(1)
     for key in [k for k in batch if k.startswith("match_") and k != "match_pos"]:
         batch[key] = batch[key][keep]
@@ -124,13 +125,12 @@ def resolve_positions(batch: dict, kind: str) -> dict:
     return batch
 
 
-def build_batch(b: dict, cache: dict | None, *, kind: str, epoch: int = 0, seed: int = 0, captions: str = "one",
+def build_batch(b: dict, cache: dict | None, *, text: str, visual: str, epoch: int = 0, seed: int = 0, captions: str = "one",
                 vocab=None, score_threshold: float = 0.5, inside_threshold: float = 0.5,
                 url: str = "?", mask_paste: str = "torchvision", pairs: np.ndarray | None = None) -> dict:
     """Turn one store read ``b`` (and the row-aligned cache read) into a matching batch (module doc).
     ``pairs (P, 2)``: explicit (store row, caption) pairs (``captions="each"``) instead of ``captions``."""
-    feat_key = "grid/feats" if kind == "slan" else "regions/feats"
-    feats = b[feat_key]  # kept as is: a worker's shared-memory tensor is sent without a copy
+    feats = b[f"{visual}/feats"]  # kept as is: a worker's shared-memory tensor is sent without a copy
     b = {k: (v.numpy() if torch.is_tensor(v) else v) for k, v in b.items()}
     if cache is not None:
         cache = {k: (v.numpy() if torch.is_tensor(v) else v) for k, v in cache.items()}
@@ -161,7 +161,7 @@ def build_batch(b: dict, cache: dict | None, *, kind: str, epoch: int = 0, seed:
         raise ValueError(f"captions must be one of {CAPTION_MODES}, got {captions!r}")
     out = {
         "rows": torch.from_numpy(rows.astype(np.int64)),
-        "grid" if kind == "slan" else "regions":
+        visual:
             feats if torch.is_tensor(feats) else torch.from_numpy(np.ascontiguousarray(feats)),
         "region_mask": torch.arange(R)[None] < torch.from_numpy(nreg)[:, None],
         "region_boxes": torch.from_numpy(np.ascontiguousarray(b["regions/boxes"], np.float32)),
@@ -171,11 +171,11 @@ def build_batch(b: dict, cache: dict | None, *, kind: str, epoch: int = 0, seed:
         "texts": [str(t) for t in b["captions/text"][txt_img, cap]],
         "token_texts": [str(t) for t in b["captions/tokens"][txt_img, cap]],
     }
-    if kind == "scan":
+    if text == "tokens":
         if vocab is None:
             raise ValueError("SCAN batches need a vocabulary (vocab=...)")
         out["tokens"], out["lengths"] = vocab.encode_batch([str(t) for t in b["captions/tokens"][txt_img, cap]])
-    elif kind in BERT_KINDS:
+    elif text == "bert":
         if cache is not None:
             if not np.array_equal(np.asarray(cache["row"]), rows):
                 raise StoreError(f"text cache rows {cache['row'][:5]} do not line up with store rows {rows[:5]}")
@@ -189,10 +189,10 @@ def build_batch(b: dict, cache: dict | None, *, kind: str, epoch: int = 0, seed:
             out["words"] = torch.from_numpy(np.ascontiguousarray(cache["text/hidden"][txt_img, cap][:, :L]))
             out["offsets"] = torch.from_numpy(cache["text/offsets"][txt_img, cap][:, :L].astype(np.int64))
     else:
-        raise ValueError(f"model kind must be one of {KINDS}, got {kind!r}")
+        raise ValueError(f"text must be one of {TEXTS}, got {text!r}")
     out.update(_matches(b, txt_img, cap, R, score_threshold, inside_threshold, mask_paste))
-    if kind == "scan" or "offsets" in out:
-        resolve_positions(out, kind)
+    if text == "tokens" or "offsets" in out:
+        resolve_positions(out, text)
     return out
 
 
@@ -236,20 +236,21 @@ class MatchDataset(Dataset):
     loss nor an attention metric needs them; matched words are still read when the store has matches).
     """
 
-    def __init__(self, store, *, kind: str, text_cache=None, vocab=None, split: str | None = None, rows=None,
+    def __init__(self, store, *, text: str, visual: str, text_cache=None, vocab=None, split: str | None = None, rows=None,
                  captions: str = "one", seed: int = 0, labels: bool = True, score_threshold: float = 0.5,
                  inside_threshold: float = 0.5, cache_blocks: int = 4, storage_options: dict | None = None):
-        if kind not in KINDS:
-            raise ValueError(f"model kind must be one of {KINDS}, got {kind!r}")
+        for name, value, allowed in (("text", text, TEXTS), ("visual", visual, VISUALS)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if captions not in CAPTION_MODES:
             raise ValueError(f"captions must be one of {CAPTION_MODES}, got {captions!r}")
         with open_backend(str(store), "r", storage_options=storage_options) as be:
             groups = be.layout.groups
             self.mask_paste = paste_convention(be.attrs())
         fields = list(IMAGE_FIELDS)
-        if kind == "slan":  # SLAN pools its regions from the grid map: no region features needed
+        if visual == "grid":  # regions pooled from the grid map (SLAN): no region features needed
             if "grid" not in groups:
-                raise StoreError(f"store {store} has no 'grid' group: SLAN needs the grid feature map")
+                raise StoreError(f"store {store} has no 'grid' group: the model reads the grid feature map")
             fields[fields.index("regions/feats")] = "grid/feats"
         if "matches" in groups:
             fields += MATCH_FIELDS
@@ -258,13 +259,14 @@ class MatchDataset(Dataset):
         self.main = StoreBatchDataset(store, fields, rows=rows, split=split, cache_blocks=cache_blocks,
                                       storage_options=storage_options)
         self.cache = None
-        if text_cache is not None and kind in BERT_KINDS:
+        if text_cache is not None and text == "bert":
             self.cache = StoreBatchDataset(text_cache, ["images/id"] + CACHE_FIELDS, rows=self.main.rows,
                                            cache_blocks=cache_blocks, storage_options=storage_options)
             if self.cache.block_size != self.main.block_size:
                 raise StoreError(f"text cache {text_cache} has block size {self.cache.block_size}, store {store} "
                                  f"{self.main.block_size}: rebuild the cache from this store")
-        self.url, self.kind, self.vocab, self.captions, self.seed = str(store), kind, vocab, captions, int(seed)
+        self.url, self.text, self.visual = str(store), text, visual
+        self.vocab, self.captions, self.seed = vocab, captions, int(seed)
         self.score_threshold, self.inside_threshold = score_threshold, inside_threshold
 
     @property
@@ -296,7 +298,7 @@ class MatchDataset(Dataset):
             c = self.cache[rows]
             if not np.array_equal(np.asarray(c["images/id"]), np.asarray(b["images/id"])):
                 raise StoreError(f"text cache and store {self.url} disagree on image ids of rows {list(rows)[:5]}")
-        return build_batch(b, c, kind=self.kind, epoch=epoch, seed=self.seed, captions=self.captions,
+        return build_batch(b, c, text=self.text, visual=self.visual, epoch=epoch, seed=self.seed, captions=self.captions,
                            vocab=self.vocab, score_threshold=self.score_threshold,
                            inside_threshold=self.inside_threshold, url=self.url, mask_paste=self.mask_paste,
                            pairs=pairs)

@@ -90,7 +90,7 @@ def token_char_spans(raw: str, tokens: list[str]) -> list[tuple[int, int] | None
     return out
 
 
-def entity_queries(entities_dir, url, data: dict, kind: str) -> dict:
+def entity_queries(entities_dir, url, data: dict, text: str) -> dict:
     """Queries for the Entities phrases of a split batch: ``txt (n,)``, ``pos (n, L)``, ``reference
     (n, R)`` bool (regions with IoU >= 0.5 with any of the phrase's boxes) and counting ``stats``.
 
@@ -141,6 +141,6 @@ def entity_queries(entities_dir, url, data: dict, kind: str) -> dict:
              match_tok=torch.tensor(tok, dtype=torch.long).reshape(-1, 2),
              match_char=torch.tensor(char, dtype=torch.long).reshape(-1, 2),
              match_ref=torch.stack(ref) if ref else torch.zeros(0, data["region_mask"].shape[1], dtype=torch.bool))
-    resolve_positions(q, kind)
+    resolve_positions(q, text)
     stats["phrases_used"] = int(len(q["match_txt"]))
     return {"txt": q["match_txt"], "pos": q["match_pos"], "reference": q["match_ref"], "stats": stats}

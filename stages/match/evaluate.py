@@ -9,10 +9,11 @@ SLAN box localisation before/after adaptation (§9).
 - MMCA: exact S for all pairs (one cross pass each, batched), and with ``rerank_top=K`` also
   shortlist-and-rerank, with its distance from exact (``retrieval.rerank_report``) and speed-up;
 - attention precision/recall/F1 of the word->region attention of matched (image, own caption) pairs:
-  against the pseudo reference (regions >= 50% inside the word's merged mask, ``match_data``), and,
+  against the pseudo reference (regions >= 50% inside the word's merged mask, ``data``), and,
   given ``entities`` (a Flickr30k Entities directory), against its phrase boxes (region IoU >= 0.5);
-- SLAN: each matched word's highest-matching region before and after adaptation, scored against the
-  word's merged mask, with figures of both boxes over the image (``slan_train``);
+- a model's own additions (``MatchModel.evaluate_words``/``figures``/``report_lines``), e.g. SLAN: each
+  matched word's highest-matching region before and after adaptation, scored against the word's merged
+  mask, with figures of both boxes over the image (``slan``);
 - figures of a word's attention over regions, ``eval/scores_<split>.json`` (and ``scores.json`` for the
   test split, as captioning does) and ``report.md``.
 
@@ -22,24 +23,22 @@ rows averaged (the same pooling training uses).
 
 from __future__ import annotations
 
-import json
-import math
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ...pipeline.runs import RunDir, check_run_store, write_strict_json
+from ...pipeline.runs import RunDir, check_run_store
 from ...storage.backends import open_backend
 from ...storage.store import open_store
 from ..common.attention_metrics import attention_prf
 from ..common.distributed import resolve_device
 from ..common.store_rows import store_fingerprint
-from . import slan_train
-from .data import load_split, pair_batch
+from .data import load_split
 from .entities import entity_queries
 from .retrieval import coco_1k_5k, recall_at_k, rerank_report
+from .protocol import query_attention, report_number
 from .train import TextEncoder, load_match_run, make_dataset, similarity
 
 PROTOCOLS = ("auto", "coco", "full")
@@ -80,21 +79,6 @@ def headline(metrics: dict) -> dict:
     return metrics["5k"] if metrics["protocol"] == "coco" else metrics["full"]
 
 
-@torch.no_grad()
-def query_attention(net, data: dict, txt: torch.Tensor, pos: torch.Tensor, device, chunk: int = 256) -> torch.Tensor:
-    """Word->region attention ``(n, R)`` of queries ``txt (n,)`` (caption index into ``data``) pooled
-    over text positions ``pos (n, L)``, each caption paired with its own image. Eval mode."""
-    net.eval()
-    out = torch.zeros(len(txt), data["region_mask"].shape[1])
-    for s in range(0, len(txt), chunk):
-        sub, inv = pair_batch(data, txt[s:s + chunk], device)
-        p = pos[s:s + chunk]
-        w = net.attention(sub)["weights"].cpu()  # (u, L, R)
-        L = w.shape[1]
-        out[s:s + chunk] = torch.einsum("nl,nlr->nr", p[:, :L].float(), w[inv].float())
-    return out
-
-
 def _prf(weights: torch.Tensor, reference: torch.Tensor) -> dict:
     res = attention_prf(weights, reference) if len(weights) else attention_prf(torch.ones(0, 1), torch.zeros(0, 1))
     names = {"n_words": "attn_words", "n_skipped": "attn_words_skipped"}
@@ -118,7 +102,8 @@ def evaluate_match(run_dir, split: str = "test", rerank_top: int | None = None, 
     store_notes = check_run_store(run.path, config, url, fp)  # also says when it was a partial store
     data = load_split(make_dataset(cfg, split, vocab, "all", True, store=url))
     check_protocol(protocol, len(data["rows"]))  # before the (long) scoring
-    if cfg.model in ("mmca", "slan") and "words" not in data:
+    family = net.family
+    if family.text == "bert" and "words" not in data:
         data = TextEncoder(cfg.bert, cfg.text_len, dev)(data)
     notes = list(store_notes)
     t0 = time.time()
@@ -132,7 +117,7 @@ def evaluate_match(run_dir, split: str = "test", rerank_top: int | None = None, 
               **{k: v for k, v in headline(metrics).items()},
               "scoring_seconds": round(exact_s, 3), "pairs_per_second": round(n_img * n_txt / max(exact_s, 1e-9), 1)}
     if rerank_top:
-        if cfg.model != "mmca":
+        if not family.shortlist:
             notes.append(f"--rerank-top {rerank_top} ignored: only MMCA has a shortlist score (i0·c0); "
                          f"{cfg.model.upper()} scores all pairs exactly")
         else:
@@ -146,26 +131,22 @@ def evaluate_match(run_dir, split: str = "test", rerank_top: int | None = None, 
                                 "vs_exact": rerank_report(metrics, rmetrics)}
     has = data["match_has_ref"]
     scores["matched_words"] = int(len(data["match_txt"]))
-    if cfg.model == "scan" and cfg.direction != "t2i":  # regions attend to words: no word->region attention
-        notes.append("attention metrics need word->region attention; SCAN i2t has none")
+    missing = family.attention_missing(cfg)
+    if missing:  # e.g. SCAN i2t: regions attend to words, no word->region attention
+        notes.append(missing)
         has = torch.zeros_like(has)
         entities = None
     store_view = _open_store(url, image_root)
-    if cfg.model == "slan":  # the same weights, plus each word's highest-matching region before/after adaptation
-        boxes = slan_train.word_boxes(net, data, data["match_txt"][has], data["match_pos"][has], dev)
-        weights = boxes["weights"]
-        loc = slan_train.localisation(store_view, data, has.nonzero().squeeze(1), boxes, cfg.ica_score_threshold,
-                                      keep_masks=figures)
-        scores.update(loc["summary"])
-    else:
-        weights = query_attention(net, data, data["match_txt"][has], data["match_pos"][has], dev)
+    words = family.evaluate_words(net, data, has, dev, store_view, cfg, figures)
+    weights = words["weights"]
+    scores.update(words.get("scores", {}))
     scores.update(_prf(weights, data["match_reference"][has]))  # no fallback: empty references are skipped
     scores["attn_words_skipped"] = scores["matched_words"] - scores["attn_words"]
     scores["attn_reference"] = "pseudo: regions >= 50% inside the word's merged mask (no fallback)"
     if not len(data["match_txt"]):
         notes.append("the store has no class-word matches: no attention metrics")
     if entities is not None:
-        q = entity_queries(entities, url, data, cfg.model)
+        q = entity_queries(entities, url, data, family.text)
         ew = query_attention(net, data, q["txt"], q["pos"], dev)
         scores["entities"] = {**_prf(ew, q["reference"]), **q["stats"]}
     scores.update({"checkpoint": ckpt.get("name", checkpoint), "epoch": int(ckpt["epoch"]), "step": int(ckpt["step"]),
@@ -176,10 +157,9 @@ def evaluate_match(run_dir, split: str = "test", rerank_top: int | None = None, 
     for name in names:
         run.write_scores(name, scores)  # NaN -> null, with a note saying why
     paths = attention_figures(run, store_view, data, weights, has, figures, split) if figures else []
-    if figures and cfg.model == "slan":
-        paths += slan_train.box_figures(run, lambda row: _image(store_view, row), data, has.nonzero().squeeze(1),
-                                        boxes, loc, figures, split)
-    write_report(run, scores, config, paths)
+    if figures:
+        paths += family.figures(run, lambda row: _image(store_view, row), data, has, words, figures, split)
+    write_report(run, scores, config, paths, family)
     return scores
 
 
@@ -257,16 +237,12 @@ def attention_figures(run: RunDir, store, data: dict, weights: torch.Tensor, has
 
 
 # -------------------------------------------------------------------------------------------- report
-def _fmt(v) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.2f}"
-
-
 def _recall_rows(m: dict) -> str:
     keys = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"]
-    return " | ".join(_fmt(m.get(k)) for k in keys)
+    return " | ".join(report_number(m.get(k)) for k in keys)
 
 
-def write_report(run: RunDir, scores: dict, config: dict, figures: list[Path]) -> None:
+def write_report(run: RunDir, scores: dict, config: dict, figures: list[Path], family) -> None:
     ret = scores["retrieval"]
     head = "| protocol | i→t R@1 | R@5 | R@10 | t→i R@1 | R@5 | R@10 | rsum |\n|---|---|---|---|---|---|---|---|"
     rows = ([f"| COCO 1K (5 folds) | {_recall_rows(ret['1k'])} |", f"| COCO 5K | {_recall_rows(ret['5k'])} |"]
@@ -284,123 +260,26 @@ def write_report(run: RunDir, scores: dict, config: dict, figures: list[Path]) -
                     else [f"| rerank | {_recall_rows(rr['metrics']['full'])} |"]),
                   "", f"{rr['cross_passes']} cross passes instead of {rr['exact_cross_passes']}, {rr['seconds']} s "
                   f"(×{rr['speedup']} faster); largest |rerank − exact| over recalls and rsum: "
-                  f"{_fmt(rr['vs_exact']['max_abs_diff'])} points.", ""]
+                  f"{report_number(rr['vs_exact']['max_abs_diff'])} points.", ""]
     lines += ["## Attention (METHODS §8)", "", "| reference | precision | recall | F1 | words |",
               "|---|---|---|---|---|",
-              f"| pseudo (merged masks) | {_fmt(scores['attn_precision'])} | {_fmt(scores['attn_recall'])} | "
-              f"{_fmt(scores['attn_f1'])} | {scores['attn_words']} |"]
+              f"| pseudo (merged masks) | {report_number(scores['attn_precision'])} | {report_number(scores['attn_recall'])} | "
+              f"{report_number(scores['attn_f1'])} | {scores['attn_words']} |"]
     if "entities" in scores:
         e = scores["entities"]
-        lines.append(f"| Flickr30k Entities boxes | {_fmt(e['attn_precision'])} | {_fmt(e['attn_recall'])} | "
-                     f"{_fmt(e['attn_f1'])} | {e['attn_words']} |")
+        lines.append(f"| Flickr30k Entities boxes | {report_number(e['attn_precision'])} | {report_number(e['attn_recall'])} | "
+                     f"{report_number(e['attn_f1'])} | {e['attn_words']} |")
     lines += ["", "Attended set: top regions up to half the attention mass; reference: regions with >= 50% of "
               "their box inside the word's merged mask (else the best-covered ones), or with IoU >= 0.5 with an "
               "Entities phrase box. Multi-word queries average their positions' attention.", ""]
-    if "box_inside_after" in scores:
-        lines += ["## SLAN: the word's highest-matching region before / after adaptation (METHODS §9)", "",
-                  "| box | inside mask | box-mask IoU |", "|---|---|---|",
-                  f"| detector (before) | {_fmt(scores['box_inside_before'])} | {_fmt(scores['box_iou_before'])} |",
-                  f"| adapted (after) | {_fmt(scores['box_inside_after'])} | {_fmt(scores['box_iou_after'])} |", "",
-                  f"{scores['box_words']} words; the filter kept {_fmt(scores['kept_regions'])} regions per pair on "
-                  f"average; {_fmt(scores['box_moved'] and 100 * scores['box_moved'])}% of the words' boxes moved by more than half a pixel.",
-                  ""]
+    lines += family.report_lines(scores, config)
     if scores["notes"]:
         lines += ["Notes:", ""] + [f"- {n}" for n in scores["notes"]] + [""]
     lines += ["## How this was made", "", f"- store: `{scores['store']}`, fingerprint `{scores['store_fingerprint']}`",
               f"- training: CCR {config.get('ccr')}, CCS {config.get('ccs')}, ICA {config.get('ica')}, "
               f"margin {config.get('margin')}, seed {config.get('seed')}, captions per step: {config.get('captions')}",
-              *([f"- SLAN: {config.get('slan_levels')} adaptor levels (ratios {config.get('slan_ratios') or 'default'}), "
-                 f"K {config.get('slan_k')}, at most T = {config.get('slan_regions')} regions, threshold "
-                 f"{config.get('slan_threshold')}, d {config.get('d')}, queue {config.get('slan_queue')}, "
-                 f"ITC/ITM/reg weights {config.get('w_itc')}/{config.get('w_itm')}/{config.get('w_reg')}"]
-                if config.get("model") == "slan" else []),
+              *family.config_lines(config),
               f"- outputs: `eval/scores_{scores['split']}.json`", ""]
     if figures:
         lines += ["## Figures", ""] + [f"![{p.stem}](figures/{p.name})" for p in figures] + [""]
     (run.path / "report.md").write_text("\n".join(lines))
-
-
-# ------------------------------------------------------------------------------------------ ablation
-ABLATION_VARIANTS = {"baseline": {"ccr": 0.0, "ccs": 0.0, "ica": 0.0}, "+CCR": {"ccr": 1.0, "ccs": 0.0, "ica": 0.0},
-                     "+CCS": {"ccr": 0.0, "ccs": 1.0, "ica": 0.0}, "+CCR+CCS": {"ccr": 1.0, "ccs": 1.0, "ica": 0.0},
-                     "+ICA": {"ccr": 0.0, "ccs": 0.0, "ica": 1.0}}
-ABLATION_METRICS = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum",
-                    "attn_precision", "attn_recall", "attn_f1"]
-ABLATION_LABELS = {"i2t_r1": "i→t R@1", "i2t_r5": "i→t R@5", "i2t_r10": "i→t R@10", "t2i_r1": "t→i R@1",
-                   "t2i_r5": "t→i R@5", "t2i_r10": "t→i R@10", "rsum": "rsum"}
-
-
-def ablation_rows(base, variants: dict, seeds: int, root: Path, split: str, figures: int) -> tuple[list, list]:
-    """Train (or reuse) and evaluate every variant x seed of a matching ablation under ``root``.
-
-    A run whose scores are newer than its best checkpoint is not re-evaluated, so an interrupted
-    ablation resumes where it stopped. Returns (seeds, rows for experiment.format_table)."""
-    import dataclasses
-
-    from ..common.experiment import _slug, run_ablation
-    from .train import train_match
-
-    def train_fn(variant: str, ov: dict, seed: int) -> Path:
-        run_dir = root / f"{_slug(variant)}-seed{seed}"
-        train_match(dataclasses.replace(base, seed=seed, **ov), run_dir, resume=True)
-        return run_dir
-
-    def eval_fn(run_dir: Path) -> dict:
-        scores, ckpt = run_dir / "eval" / f"scores_{split}.json", run_dir / "checkpoints" / "best.pt"
-        if scores.is_file() and ckpt.is_file() and scores.stat().st_mtime >= ckpt.stat().st_mtime:
-            return json.loads(scores.read_text())
-        return evaluate_match(run_dir, split, figures=figures, device=base.device)
-
-    seed_list = [base.seed + k for k in range(seeds)]
-    return seed_list, run_ablation(variants, seed_list, train_fn, eval_fn)
-
-
-def run_match_ablation(store: str, model: str = "scan", seeds: int = 3, *, name: str | None = None,
-                       runs_root="runs", config_file=None, options: dict | None = None,
-                       overrides: list[str] | None = None, split: str = "test", variants: dict | None = None,
-                       weight: float | None = None, figures: int = 2) -> dict:
-    """Baseline, +CCR, +CCS, +CCR+CCS, +ICA (``ABLATION_VARIANTS``; ``weight`` replaces their 1.0), each
-    with ``seeds`` seeds (config seed, +1, ...), trained and evaluated on ``split``; the table (mean ± sample
-    std, paired Δ against the baseline) goes to ``runs_root/name/ablation.md`` and ``ablation.json``.
-    Finished runs and evaluations are reused, so an interrupted experiment resumes."""
-    from ...pipeline.config import load_config
-    from .train import MatchTrainConfig
-
-    if seeds < 1:
-        raise ValueError(f"seeds must be >= 1, got {seeds}")
-    base = load_config(MatchTrainConfig, config_file, {**(options or {}), "store": store, "model": model}, overrides)
-    variants = variants or {k: {t: (w if weight is None or w == 0 else weight) for t, w in v.items()}
-                            for k, v in ABLATION_VARIANTS.items()}
-    root = Path(runs_root) / (name or f"{model}-ablation")
-    root.mkdir(parents=True, exist_ok=True)
-
-    seed_list, rows = ablation_rows(base, variants, seeds, root, split, figures)
-    intro = (f"{model.upper()} on `{store}`, split **{split}**, seeds {seed_list}; mean ± sample std over seeds; "
-             "Δ = paired per-seed difference against the baseline. Recalls in %, attention P/R/F1 against the pseudo "
-             "reference (regions >= 50% inside the word's merged mask, METHODS §8).")
-    shared = (f"epochs {base.epochs}, batch {base.batch_size}, lr {base.lr} (×{base.lr_decay} from epoch "
-              f"{base.lr_decay_epoch}), margin {base.margin}, γr {base.gamma_r}, γs {base.gamma_s}, captions/step "
-              f"{base.captions}, region_norm {base.region_norm}")
-    return write_ablation(root, "Matching ablation", intro, shared, base=base, store=store, model=model, split=split,
-                          seed_list=seed_list, variants=variants, rows=rows, metrics=ABLATION_METRICS,
-                          labels=ABLATION_LABELS)
-
-
-def write_ablation(root: Path, heading: str, intro: str, shared: str, *, base, store: str, model: str, split: str,
-                   seed_list: list[int], variants: dict, rows: list[dict], metrics, labels) -> dict:
-    """The table of a matching ablation (paired Δ against the first variant), written to ``root/ablation.md``
-    and ``root/ablation.json``; returns the result dict (with ``path``). Shared by the matching and SLAN runners."""
-    from ...pipeline.config import to_dict
-    from ..common.experiment import format_table, paired_deltas, summarize
-
-    baseline = next(iter(variants))
-    table = format_table(rows, metrics, baseline=baseline, labels=labels, digits=2)
-    md = [f"# {heading}: {root.name}", "", intro, "", table, "", f"- variants: {json.dumps(variants)}",
-          f"- shared: {shared}", ""]
-    (root / "ablation.md").write_text("\n".join(md))
-    result = {"name": root.name, "store": store, "model": model, "split": split, "seeds": seed_list,
-              "variants": variants, "config": to_dict(base), "rows": rows,
-              "summary": summarize(rows, metrics), "deltas": paired_deltas(rows, baseline, metrics), "table": table}
-    result = write_strict_json(root / "ablation.json", result)
-    result["path"] = str(root)
-    return result

@@ -18,6 +18,10 @@ Choices the paper leaves open (ours, documented here and in the README):
   over heads, word-query rows restricted to region keys and renormalised to sum to 1.
 
 Masks are bool with True = a real region / word token.
+
+:class:`MmcaMatch` puts MMCA behind the matching protocol (``protocol``): BERT text and region features
+in, hardest-negative triplet; ICA ranks log(w · R_valid) of the cross-unit weights; evaluation can
+shortlist by i0·c0 and rerank (METHODS §4).
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .protocol import MatchModel, attention_scores
 
 
 def _check_mask(mask: torch.Tensor, what: str) -> torch.Tensor:
@@ -261,3 +267,37 @@ class MMCA(nn.Module):
             return result
         finally:
             self.train(was)
+
+
+class MmcaMatch(MatchModel):
+    """MMCA in the matching loop (``protocol.MatchModel``)."""
+
+    name, text, visual, network, shortlist = "mmca", "bert", "regions", MMCA, True
+
+    def network_args(self, cfg, visual_dim: int, vocab_size: int, text_dim: int) -> dict:
+        return dict(region_dim=visual_dim, text_dim=text_dim, d=cfg.d, heads=cfg.heads, alpha=cfg.alpha,
+                    dropout=cfg.dropout)
+
+    @staticmethod
+    def _attention(m: dict, vm: torch.Tensor) -> dict:
+        return dict(query=m["word_embed"], values=m["region_embed"], weights=m["attn"],
+                    scores=attention_scores(m["attn"], vm), value_mask=vm)
+
+    def forward(self, net, batch: dict, attention: bool) -> dict:
+        ti, rmask = batch["txt_img"], batch["region_mask"]
+        m = net.net(net.regions(batch["regions"][ti]), rmask[ti], batch["words"], batch["word_mask"], all_pairs=True)
+        return {"sim": m["sim"], **(self._attention(m, rmask[ti]) if attention else {})}
+
+    def attention(self, net, batch: dict) -> dict:
+        ti, rmask = batch["txt_img"], batch["region_mask"]
+        m = net.net(net.regions(batch["regions"][ti]), rmask[ti], batch["words"], batch["word_mask"])
+        return self._attention(m, rmask[ti])
+
+    def similarity(self, net, data: dict, device, rerank_top: int = 0, block: int = 1024) -> dict:
+        rmask = data["region_mask"]
+        regions = torch.cat([net.regions(data["regions"][s:s + 256].to(device))
+                             for s in range(0, len(data["regions"]), 256)])
+        if rerank_top:
+            r = net.net.rerank(None, rerank_top, regions, rmask, data["words"], data["word_mask"], block)
+            return {"sim": r["i2t"].cpu(), "sim_t2i": r["t2i"].cpu(), "n_pairs": r["n_pairs"]}
+        return {"sim": net.net.score_matrix(regions, rmask, data["words"], data["word_mask"], block).cpu()}

@@ -1,4 +1,5 @@
-"""The matching models behind one interface (SCAN, MMCA, SLAN) and their losses; METHODS §4, §6, §7, §9.
+"""Any registered matching model (``registry``: SCAN, MMCA, SLAN) as one ``nn.Module``, and the loss every
+model trains with; METHODS §4, §6, §7, §9.
 
 Loss per batch (``txt_img`` maps each caption to its image; a batch may hold several captions of one
 image, and by default, as in SCAN/VSE++'s code, those are negatives of each other; ``same_image_negatives
@@ -8,11 +9,12 @@ image, and by default, as in SCAN/VSE++'s code, those are negatives of each othe
     SLAN:        L = w_itc L_itc + w_itm L_itm + w_reg L_reg + λ_ccr CCR + λ_ccs CCS + λ_ica ICA
 
 - ``S``: SCAN's all-pairs similarity / MMCA's S(I, T) / SLAN's S(I, T) for every pair of the batch
-  (differentiable). SLAN's ITC/ITM/L_reg: ``slan_losses.slan_objective`` (queue-based ITC; the batch's
-  inputs and the queue update are in ``slan_train``).
+  (differentiable). The first terms are the model's own (``MatchModel.objective``): the triplet by
+  default; SLAN's ITC/ITM/L_reg, ``slan_losses.slan_objective`` (queue-based ITC; the batch's inputs and
+  the queue update are in ``slan``).
 - Word -> region attention of the positive pairs (query q_i, values v_j, weights w_ij): SCAN t2i's
   softmax(λ1 s̄) (``SCAN.attention``); MMCA's cross-unit attention, word rows restricted to region keys
-  and renormalised; SLAN's last Eq. 1 attention over the kept regions (``slan_train.slan_views``). A
+  and renormalised; SLAN's last Eq. 1 attention over the kept regions (``slan.SlanMatch``). A
   matched word spanning several text positions (Karpathy tokens, BERT pieces) is one query: its
   positions' q and w rows averaged (``match_pos``); a_i = Σ_j w_ij v_j.
 - CCR/CCS (METHODS §7, ``losses.ccr_loss``/``ccs_loss``) on **every real word** of each positive pair
@@ -20,7 +22,7 @@ image, and by default, as in SCAN/VSE++'s code, those are negatives of each othe
   pieces of one whitespace-separated word, grouped by character offsets, [CLS]/[SEP]/padding left out):
   they need no class match. ICA and the attention metrics use the class-word matches.
 - ICA for matching (ours, after METHODS §2): Lovász hinge between a word's attention *scores* over
-  regions and its region labels (``match_data``: regions >= 50% inside the merged mask, non-empty
+  regions and its region labels (``data``: regions >= 50% inside the merged mask, non-empty
   rule). Scores: SCAN's pre-softmax λ1 s̄_ij (``logits``); MMCA and SLAN have softmax weights only, so
   we use log(w_ij · R_valid) — the log of the weight relative to uniform, positive exactly when a
   region gets more than its uniform share. Padded regions get a score of -100 (never foreground, and
@@ -29,44 +31,25 @@ image, and by default, as in SCAN/VSE++'s code, those are negatives of each othe
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
 from ..common.losses import lovasz_hinge
-from . import slan_train
-from .data import KINDS
-from .losses import ccr_loss, ccs_loss, hardest_negative_triplet
-from .mmca import MMCA
-from .scan import SCAN
-from .slan import SLAN
-
-if TYPE_CHECKING:
-    from .train import MatchTrainConfig
-
-PAD_SCORE = -100.0
+from .losses import ccr_loss, ccs_loss
+from .protocol import PAD_SCORE
+from .registry import match_model
 
 
-def model_args(cfg: MatchTrainConfig, region_dim: int, vocab_size: int = 0, text_dim: int = 0) -> dict:
-    """The model's constructor arguments (saved in checkpoints). ``region_dim``: the width of the visual
-    features the model reads (region features; the grid's for SLAN)."""
-    if cfg.model == "scan":
-        return dict(kind="scan", vocab_size=vocab_size, direction=cfg.direction, lambda_softmax=cfg.lambda_softmax,
-                    agg=cfg.agg, lambda_lse=cfg.lambda_lse, embed=cfg.embed, region_dim=region_dim,
-                    word_dim=cfg.word_dim)
-    if cfg.model == "slan":
-        return dict(kind="slan", grid_dim=region_dim, text_dim=text_dim, d=cfg.d, levels=cfg.slan_levels,
-                    ratios=None if cfg.slan_ratios is None else [float(r) for r in cfg.slan_ratios], K=cfg.slan_k,
-                    max_regions=cfg.slan_regions, threshold=cfg.slan_threshold, pool=cfg.slan_pool,
-                    samples=cfg.slan_samples, box_grad=cfg.slan_box_grad, queue_size=cfg.slan_queue,
-                    tau=cfg.slan_tau, offset_tau=cfg.slan_offset_tau)
-    return dict(kind="mmca", region_dim=region_dim, text_dim=text_dim, d=cfg.d, heads=cfg.heads, alpha=cfg.alpha,
-                dropout=cfg.dropout)
+def model_args(cfg, region_dim: int, vocab_size: int = 0, text_dim: int = 0) -> dict:
+    """The model's constructor arguments (saved in checkpoints): ``kind`` and its network's arguments
+    (``MatchModel.network_args``). ``region_dim``: the width of the visual features the model reads
+    (region features; the grid's for SLAN)."""
+    return {"kind": cfg.model, **match_model(cfg.model).network_args(cfg, region_dim, vocab_size, text_dim)}
 
 
 class MatchNet(nn.Module):
-    """SCAN, MMCA or SLAN behind one interface (tensors in, tensors out), so DDP wraps a single forward.
+    """A registered matching model (``registry``) behind one interface (tensors in, tensors out), so DDP
+    wraps a single forward. ``net`` is the model's network; ``family`` its ``protocol.MatchModel``.
 
     ``feat_mean``/``feat_std`` (buffers, saved with the model) standardise the visual features (region
     features; SLAN: grid features) before the model when ``region_norm`` is on (ours, off by default as
@@ -77,11 +60,10 @@ class MatchNet(nn.Module):
 
     def __init__(self, kind: str, **kw):
         super().__init__()
-        if kind not in KINDS:
-            raise ValueError(f"model kind must be one of {KINDS}, got {kind!r}")
+        self.family = match_model(kind)
         self.kind = kind
-        self.net = {"scan": SCAN, "mmca": MMCA, "slan": SLAN}[kind](**kw)
-        dim = kw["grid_dim"] if kind == "slan" else kw["region_dim"]
+        self.net = self.family.network(**kw)
+        dim = self.family.visual_width(kw)
         self.register_buffer("feat_mean", torch.zeros(dim))
         self.register_buffer("feat_std", torch.ones(dim))
 
@@ -92,7 +74,7 @@ class MatchNet(nn.Module):
         whose per-level ``log_pw``/``log_ph``/``log_offset_tau`` are then empty (kept so checkpoints of
         every level count share one layout). Every other configuration uses all parameters in each step
         (a SLAN term at weight 0 still gives zero gradients; CCR/CCS/ICA have no parameters of their own)."""
-        return self.kind == "slan" and self.net.levels == 0
+        return self.family.unused_parameters(self)
 
     def regions(self, feats: torch.Tensor) -> torch.Tensor:
         """Visual features as the model sees them (float, standardised when statistics are set)."""
@@ -101,63 +83,14 @@ class MatchNet(nn.Module):
     def attention(self, batch: dict) -> dict:
         """Word->region attention of matched pairs only (caption p with image ``txt_img[p]``): ``query,
         values, weights, scores, value_mask`` as in :meth:`forward`, without scoring all pairs."""
-        ti, rmask = batch["txt_img"], batch["region_mask"]
-        if self.kind == "slan":
-            s = slan_train.slan_forward(self, batch, all_pairs=False)
-            return {**self._slan_attention(s, rmask[ti]), "slan": s}
-        if self.kind == "scan":
-            if self.net.direction != "t2i":
-                raise ValueError("word->region attention needs SCAN direction 't2i'")
-            img = self.net.encode_image(self.regions(batch["regions"][ti]))
-            return self._scan_attention(img, rmask[ti], self.net.encode_text(batch["tokens"], batch["lengths"]),
-                                        batch["lengths"])
-        m = self.net(self.regions(batch["regions"][ti]), rmask[ti], batch["words"], batch["word_mask"])
-        return self._mmca_attention(m, rmask[ti])
-
-    def _scan_attention(self, img, rmask, cap, lengths) -> dict:
-        a = self.net.attention(img, rmask, cap, lengths)
-        return dict(query=a["query"], values=a["values"], weights=a["weights"], scores=a["logits"],
-                    value_mask=a["key_mask"])
-
-    @staticmethod
-    def _slan_attention(s: dict, vm: torch.Tensor) -> dict:
-        # Words as first embedded, regions RoIAligned at the detector boxes, weights of the last Eq. 1 level
-        # (0 on regions the filter dropped).
-        return dict(query=s["word_embed"], values=s["region_embed"], weights=s["attn"],
-                    scores=attention_scores(s["attn"], vm), value_mask=vm)
-
-    @staticmethod
-    def _mmca_attention(m: dict, vm: torch.Tensor) -> dict:
-        return dict(query=m["word_embed"], values=m["region_embed"], weights=m["attn"],
-                    scores=attention_scores(m["attn"], vm), value_mask=vm)
+        return self.family.attention(self, batch)
 
     def forward(self, batch: dict, attention: bool = True) -> dict:
         """``sim (P, P)``: row p = image of caption p, column = caption (the loss's layout). With
         ``attention``: matched-pair word->region ``query (P, L, d)``, ``values (P, R, d)``, ``weights
         (P, L, R)``, ``scores (P, L, R)`` (module doc) and ``value_mask (P, R)``. SLAN adds ``slan``,
         its raw outputs for ``slan_objective``."""
-        ti, rmask = batch["txt_img"], batch["region_mask"]
-        if self.kind == "slan":
-            s = slan_train.slan_forward(self, batch, all_pairs=True)
-            return {"sim": s["sim"], "slan": s, **(self._slan_attention(s, rmask[ti]) if attention else {})}
-        if self.kind == "scan":
-            img = self.net.encode_image(self.regions(batch["regions"]))
-            cap = self.net.encode_text(batch["tokens"], batch["lengths"])
-            out = {"sim": self.net.sim_matrix(img, rmask, cap, batch["lengths"])[ti]}
-            if attention and self.net.direction == "t2i":
-                out.update(self._scan_attention(img[ti], rmask[ti], cap, batch["lengths"]))
-            return out
-        m = self.net(self.regions(batch["regions"][ti]), rmask[ti], batch["words"], batch["word_mask"], all_pairs=True)
-        out = {"sim": m["sim"]}
-        if attention:
-            out.update(self._mmca_attention(m, rmask[ti]))
-        return out
-
-
-def attention_scores(weights: torch.Tensor, value_mask: torch.Tensor) -> torch.Tensor:
-    """ICA scores from softmax weights ``(P, L, R)``: log(w · R_valid), -inf at padded regions (module doc)."""
-    logw = torch.log(weights.clamp_min(1e-12)) + torch.log(value_mask.sum(1).float())[:, None, None]
-    return logw.masked_fill(~value_mask[:, None, :], float("-inf"))
+        return self.family.forward(self, batch, attention)
 
 
 def caption_words(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,20 +139,16 @@ def word_views(out: dict, batch: dict, words: tuple[torch.Tensor, torch.Tensor] 
             "values": out["values"][m], "value_mask": vm, "scores": scores.masked_fill(~vm, PAD_SCORE)}
 
 
-def match_losses(out: dict, batch: dict, cfg: MatchTrainConfig, generator: torch.Generator | None = None,
-                 terms: tuple[str, ...] | None = None, queue=None) -> dict:
-    """``{"loss", "triplet" | "itc", "itm", "reg", "ccr", "ccs", "ica"}`` (module doc). ``terms`` forces
-    extra terms to be computed (and logged) even at weight 0; by default only weighted terms are
-    computed. SLAN: ``queue`` is the model's ITC queue (``net.net.queue``; None = in-batch ITC only) and
-    ``generator`` also draws the ITM hard negatives."""
+def match_losses(out: dict, batch: dict, cfg, generator: torch.Generator | None = None,
+                 terms: tuple[str, ...] | None = None, net: MatchNet | None = None) -> dict:
+    """``{"loss", "triplet" | "itc", "itm", "reg", "ccr", "ccs", "ica"}`` (module doc): the model's own
+    terms (``MatchModel.objective``) plus the weighted CCR/CCS/ICA terms. ``terms`` forces extra terms
+    to be computed (and logged) even at weight 0; by default only weighted terms are computed. ``net``:
+    the ``MatchNet`` (SLAN reads its ITC queue from it; None = in-batch ITC only); ``generator`` also
+    draws SLAN's ITM hard negatives."""
     terms = set(terms or ()) | {t for t in ("ccr", "ccs", "ica") if getattr(cfg, t) > 0}
-    if "slan" in out:
-        res = slan_train.slan_terms(out, batch, cfg, queue, generator)
-        main = res.pop("loss")
-    else:
-        ids = None if cfg.same_image_negatives else batch["txt_img"]
-        res = {"triplet": hardest_negative_triplet(out["sim"], cfg.margin, image_ids=ids)}
-        main = res["triplet"]
+    res = match_model(cfg.model).objective(net, out, batch, cfg, generator)
+    main = res.pop("loss")
     if terms:
         if "query" not in out:
             raise ValueError("CCR/CCS/ICA need the word->region attention (SCAN t2i, MMCA or SLAN)")

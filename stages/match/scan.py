@@ -13,6 +13,9 @@ words are excluded from every sum (the reference code slices each caption to its
 
 :meth:`SCAN.sim_matrix` scores every (image, caption) pair without materialising a_i: with
 G = V V^T, q.a = sum_j w_ij s_ij and |a|^2 = w^T G w, so memory is O(pairs x R x L), chunked.
+
+:class:`ScanMatch` puts SCAN behind the matching protocol (``protocol``): vocabulary tokens and region
+features in, hardest-negative triplet; ICA ranks the pre-softmax λ1 s̄_ij (``logits``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..common.text_encoders import GRUTextEncoder
+from .protocol import MatchModel
 
 # SCAN's Flickr30k settings (METHODS §6): direction -> (lambda_1, lambda_2 for LSE)
 DEFAULT_LAMBDAS = {"t2i": (9.0, 6.0), "i2t": (4.0, 5.0)}
@@ -175,3 +179,51 @@ class SCAN(nn.Module):
                     for t in range(0, n_t, ti)]
             rows.append(torch.cat(cols, 1))
         return torch.cat(rows, 0)
+
+
+class ScanMatch(MatchModel):
+    """SCAN in the matching loop (``protocol.MatchModel``). Word->region attention exists for t2i only."""
+
+    name, text, visual, network = "scan", "tokens", "regions", SCAN
+
+    def check_config(self, cfg) -> None:
+        if cfg.direction != "t2i" and (cfg.ccr > 0 or cfg.ccs > 0 or cfg.ica > 0):
+            raise ValueError("CCR/CCS/ICA constrain word->region attention: SCAN direction must be 't2i'")
+
+    def network_args(self, cfg, visual_dim: int, vocab_size: int, text_dim: int) -> dict:
+        return dict(vocab_size=vocab_size, direction=cfg.direction, lambda_softmax=cfg.lambda_softmax, agg=cfg.agg,
+                    lambda_lse=cfg.lambda_lse, embed=cfg.embed, region_dim=visual_dim, word_dim=cfg.word_dim)
+
+    @staticmethod
+    def _attention(net, img, rmask, cap, lengths) -> dict:
+        a = net.net.attention(img, rmask, cap, lengths)
+        return dict(query=a["query"], values=a["values"], weights=a["weights"], scores=a["logits"],
+                    value_mask=a["key_mask"])
+
+    def forward(self, net, batch: dict, attention: bool) -> dict:
+        ti, rmask = batch["txt_img"], batch["region_mask"]
+        img = net.net.encode_image(net.regions(batch["regions"]))
+        cap = net.net.encode_text(batch["tokens"], batch["lengths"])
+        out = {"sim": net.net.sim_matrix(img, rmask, cap, batch["lengths"])[ti]}
+        if attention and net.net.direction == "t2i":
+            out.update(self._attention(net, img[ti], rmask[ti], cap, batch["lengths"]))
+        return out
+
+    def attention(self, net, batch: dict) -> dict:
+        if net.net.direction != "t2i":
+            raise ValueError("word->region attention needs SCAN direction 't2i'")
+        ti = batch["txt_img"]
+        img = net.net.encode_image(net.regions(batch["regions"][ti]))
+        return self._attention(net, img, batch["region_mask"][ti], net.net.encode_text(batch["tokens"], batch["lengths"]),
+                               batch["lengths"])
+
+    def attention_missing(self, cfg) -> str | None:
+        return None if cfg.direction == "t2i" else "attention metrics need word->region attention; SCAN i2t has none"
+
+    def similarity(self, net, data: dict, device, rerank_top: int = 0, block: int = 1024) -> dict:
+        regions, tokens, lengths = data["regions"], data["tokens"], data["lengths"]
+        img = torch.cat([net.net.encode_image(net.regions(regions[s:s + 256].to(device)))
+                         for s in range(0, len(regions), 256)])
+        cap = torch.cat([net.net.encode_text(tokens[s:s + 512].to(device), lengths[s:s + 512])
+                         for s in range(0, len(tokens), 512)])
+        return {"sim": net.net.sim_matrix(img, data["region_mask"].to(device), cap, lengths.to(device)).cpu()}

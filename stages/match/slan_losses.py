@@ -29,7 +29,7 @@ class FeatureQueue(nn.Module):
 
     Buffers (saved with the model): ``img (Q, d)``, ``txt (Q, d)``, ``ids (Q,)`` (-1 = empty slot),
     ``ptr`` (next slot to overwrite) and ``filled`` (how many slots hold data). Under DDP the training
-    loop enqueues every rank's pairs, all-gathered in rank order (``slan_train.after_step``, as ALBEF),
+    loop enqueues every rank's pairs, all-gathered in rank order (``slan.after_step``, as ALBEF),
     so every rank holds the same queue: DDP broadcasts rank 0's buffers at each forward, which would
     otherwise drop what the other ranks enqueued. :meth:`enqueue` itself is local.
     """

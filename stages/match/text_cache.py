@@ -7,7 +7,7 @@ from. ``text/offsets`` holds each subword token's character span in ``captions/t
 matches (``matches/span`` char columns) map onto BERT tokens through them
 (:func:`~vlcache.stages.common.text_encoders.char_span_to_token_mask`).
 
-The cache records the BERT it used and the main store's fingerprint (``caption_data.store_fingerprint``,
+The cache records the BERT it used and the main store's fingerprint (``common.store_rows.store_fingerprint``,
 the one runs record); :func:`check_text_cache` refuses a
 cache built from another store or another row layout. Writing goes through :class:`StoreWriter`, block
 by block, so an interrupted build resumes where it stopped (same BERT and main store, else a

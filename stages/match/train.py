@@ -1,8 +1,9 @@
 """Image-text matching training (SCAN, MMCA, SLAN) streamed from a store; METHODS §4, §6, §7, §9, §10.
 
-The models and their losses (hardest-negative triplet for SCAN/MMCA, ITC + ITM + L_reg for SLAN, plus
-the optional CCR/CCS/ICA attention terms) are in ``match_model``; SLAN's batch inputs and ITC queue
-update in ``slan_train``.
+The loop knows no model: each is a ``protocol.MatchModel`` found by name in ``registry`` (its own
+module: ``scan``, ``mmca``, ``slan``), wrapped as ``model.MatchNet``; the losses (the model's own terms,
+e.g. the hardest-negative triplet or SLAN's ITC + ITM + L_reg, plus the optional CCR/CCS/ICA attention
+terms) are ``model.match_losses``; hooks after each step (SLAN's ITC queue update) are the model's.
 
 Training: Adam, lr × ``lr_decay`` from epoch ``lr_decay_epoch`` (MMCA: 10 + 10 epochs), gradient
 clipping, validation rsum after every epoch, the ``best`` checkpoint on validation rsum, ``last`` for
@@ -11,10 +12,13 @@ resume (mid-epoch too: sampler position, optimizer, RNG states; SLAN's ITC queue
 
 Under torchrun (``distributed``): DDP (told to look for unused parameters only when the model has some,
 ``MatchNet.has_unused_parameters``), each rank reads its own shard of every epoch (``drop_last``, so all
-ranks take the same number of steps), SLAN's ITC queue receives every rank's pairs (``slan_train``).
+ranks take the same number of steps), SLAN's ITC queue receives every rank's pairs (``slan``).
 Rank 0 alone writes the run (config with ``world_size``, metrics = rank 0's losses, checkpoints) and
 validates; the others wait at the epoch's barrier. A run stopped mid-epoch resumes only with the same
 number of ranks (the sampler position is per rank); at an epoch end any number will do.
+
+(Just over 400 lines on purpose: the config every run records, its data setup and the one loop read
+together; the models, their losses and the evaluation are in their own modules.)
 """
 
 from __future__ import annotations
@@ -37,12 +41,15 @@ from ..common.distributed import barrier, broadcast_object, init_distributed, is
 from ..common.store_rows import split_rows, train_tokens
 from ..common.text_encoders import encode_tokens, load_bert
 from ..common.vocab import Vocab
-from . import slan_train
-from .data import CAPTION_MODES, KINDS, MatchDataset, load_split, match_loader, resolve_positions
+from .data import CAPTION_MODES, MatchDataset, load_split, match_loader, resolve_positions
 from .model import MatchNet, match_losses, model_args
+from .protocol import MatchModel
+from .registry import MATCH_MODELS, match_model
 from .retrieval import recall_at_k
 from .text_cache import check_text_cache
 
+# The config's choice of model: whatever the registry holds (a Literal, so configs validate it like every choice).
+MODEL_NAMES = tuple(MATCH_MODELS.names())
 # Options that may change between a run and its resumption (how it runs, not what it computes). Not
 # num_workers: it sets the sampler's lanes (one per worker), hence the order of the rows.
 RUNTIME_KEYS = {"epochs", "device", "checkpoint_every", "log_every", "max_steps", "val_rerank_top", "val_max_images",
@@ -58,7 +65,7 @@ class MatchTrainConfig:
     0.25), threshold h = 0.5, ITC + ITM + L_reg with weight 1 each. CCR/CCS/ICA weights are 0 (off).
     """
 
-    model: Literal["scan", "mmca", "slan"] = "scan"
+    model: Literal[MODEL_NAMES] = "scan"  # a registered matching model (registry): mmca | scan | slan
     store: str = ""
     text_cache: str | None = None  # MMCA/SLAN: cached BERT outputs (`vlcache store text-cache`); None = BERT online
     bert: str | None = None  # MMCA/SLAN without cache: BERT name/path (None = bundled all-MiniLM-L6-v2)
@@ -72,7 +79,7 @@ class MatchTrainConfig:
     grad_clip: float = 2.0  # 0 = off
     margin: float = 0.2
     region_norm: bool = False  # standardise region features with training-split statistics (MatchNet)
-    # each: every caption once per epoch, shuffled at caption level (SCAN/VSE++) | one | all (match_data)
+    # each: every caption once per epoch, shuffled at caption level (SCAN/VSE++) | one | all (data)
     captions: Literal["each", "one", "all"] = "each"
     same_image_negatives: bool = True  # SCAN/VSE++ code: another caption of the same image in the batch is a negative
     ccr: float = 0.0
@@ -124,16 +131,16 @@ class MatchTrainConfig:
     w_reg: float = 1.0
 
     def __post_init__(self):
-        for name, allowed in (("model", KINDS), ("captions", CAPTION_MODES), ("direction", ("t2i", "i2t")),
-                              ("agg", ("avg", "lse"))):
+        for name, allowed in (("model", tuple(MATCH_MODELS.names())), ("captions", CAPTION_MODES),
+                              ("direction", ("t2i", "i2t")), ("agg", ("avg", "lse"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if self.model == "slan" and self.slan_ratios is not None and len(self.slan_ratios) != self.slan_levels:
-            raise ValueError(f"slan_ratios needs one ratio per level: slan_levels={self.slan_levels}, "
-                             f"slan_ratios={self.slan_ratios}")
-        needs_attention = self.ccr > 0 or self.ccs > 0 or self.ica > 0
-        if self.model == "scan" and self.direction != "t2i" and needs_attention:
-            raise ValueError("CCR/CCS/ICA constrain word->region attention: SCAN direction must be 't2i'")
+        match_model(self.model).check_config(self)
+
+    @property
+    def family(self) -> MatchModel:
+        """The registered model this config trains (``protocol.MatchModel``)."""
+        return match_model(self.model)
 
 
 # ---------------------------------------------------------------------------------------- data setup
@@ -153,7 +160,7 @@ class TextEncoder:
             h, m, o = encode_tokens(batch["texts"], self.tokenizer, self.model, self.max_len, self.device,
                                     out_device="cpu")
             batch.update(words=h, word_mask=m, offsets=o)
-            resolve_positions(batch, "mmca")  # BERT pieces, as for SLAN
+            resolve_positions(batch, "bert")  # BERT pieces
         return batch
 
 
@@ -197,7 +204,7 @@ def make_dataset(cfg: MatchTrainConfig, split: str, vocab: Vocab | None, caption
     store = store or cfg.store
     rows = split_rows(store, split)
     rows = rows[:max_images] if max_images > 0 else rows
-    return MatchDataset(store, kind=cfg.model, text_cache=cfg.text_cache, vocab=vocab, rows=rows,
+    return MatchDataset(store, text=cfg.family.text, visual=cfg.family.visual, text_cache=cfg.text_cache, vocab=vocab, rows=rows,
                         captions=captions, seed=cfg.seed, labels=labels, score_threshold=cfg.ica_score_threshold,
                         inside_threshold=cfg.inside_threshold, cache_blocks=cfg.window_blocks)
 
@@ -206,10 +213,10 @@ def visual_dim(cfg: MatchTrainConfig) -> int:
     """Width of the features the model reads: region features, or (SLAN) grid features."""
     with open_backend(cfg.store, "r") as be:
         layout = be.layout
-    if cfg.model == "slan":
+    if cfg.family.visual == "grid":
         if "grid" not in layout.groups:
-            raise ValueError(f"store {cfg.store} has no 'grid' group: SLAN pools its regions from the grid "
-                             "feature map (extract with groups including grid, features.grid_size >= 7)")
+            raise ValueError(f"store {cfg.store} has no 'grid' group: {cfg.model.upper()} pools its regions from the "
+                             "grid feature map (extract with groups including grid, features.grid_size >= 7)")
         return layout.capacities.grid_dim
     return layout.capacities.region_dim
 
@@ -231,20 +238,7 @@ def similarity(net: MatchNet, data: dict, device, rerank_top: int = 0, block: in
     was = net.training
     net.eval()
     try:
-        if net.kind == "slan":
-            return {"sim": slan_train.slan_similarity(net, data, device, block)}
-        regions, rmask = data["regions"], data["region_mask"]
-        if net.kind == "scan":
-            img = torch.cat([net.net.encode_image(net.regions(regions[s:s + 256].to(device)))
-                             for s in range(0, len(regions), 256)])
-            cap = torch.cat([net.net.encode_text(data["tokens"][s:s + 512].to(device), data["lengths"][s:s + 512])
-                             for s in range(0, len(data["tokens"]), 512)])
-            return {"sim": net.net.sim_matrix(img, rmask.to(device), cap, data["lengths"].to(device)).cpu()}
-        regions = torch.cat([net.regions(regions[s:s + 256].to(device)) for s in range(0, len(regions), 256)])
-        if rerank_top:
-            r = net.net.rerank(None, rerank_top, regions, rmask, data["words"], data["word_mask"], block)
-            return {"sim": r["i2t"].cpu(), "sim_t2i": r["t2i"].cpu(), "n_pairs": r["n_pairs"]}
-        return {"sim": net.net.score_matrix(regions, rmask, data["words"], data["word_mask"], block).cpu()}
+        return net.family.similarity(net, data, device, rerank_top, block)
     finally:
         net.train(was)
 
@@ -287,16 +281,17 @@ def train_match(cfg: MatchTrainConfig, run_dir, resume: bool = True,
     state = run.load_checkpoint("last") if existed else None
     torch.manual_seed(cfg.seed)
     region_dim = visual_dim(cfg)
-    bert_text = cfg.model in ("mmca", "slan")
+    family = cfg.family
+    bert_text = family.text == "bert"
     encoder = TextEncoder(cfg.bert, cfg.text_len, device) if bert_text and not cfg.text_cache else None
     vocab = None
-    if cfg.model == "scan":
+    if family.text == "tokens":
         vocab = Vocab.from_dict(json.loads((run.path / "vocab.json").read_text())) if existed else build_vocab(cfg)
     args = model_args(cfg, region_dim, len(vocab) if vocab else 0, text_dim(cfg, encoder) if bert_text else 0)
     net = MatchNet(**args)
     if cfg.region_norm:
         net.feat_mean, net.feat_std = region_stats(cfg.store, split_rows(cfg.store, cfg.train_split),
-                                                   path="grid/feats" if cfg.model == "slan" else "regions/feats")
+                                                   path=f"{family.visual}/feats")
     net = net.to(device)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)  # CCS derangements, SLAN's ITM negatives
@@ -356,14 +351,13 @@ def train_match(cfg: MatchTrainConfig, run_dir, resume: bool = True,
         for batch in loader:
             batch = to_device(encoder(batch) if encoder else batch, device)
             out = model(batch, attention=attention)
-            res = match_losses(out, batch, cfg, gen, queue=net.net.queue if net.kind == "slan" else None)
+            res = match_losses(out, batch, cfg, gen, net=net)
             opt.zero_grad(set_to_none=True)
             res["loss"].backward()
             if cfg.grad_clip > 0:
                 nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
             opt.step()
-            if net.kind == "slan":
-                slan_train.after_step(net, out, batch)
+            family.after_step(net, out, batch)
             batches, step = batches + 1, step + 1
             epoch_losses.add(res)
             log_now = is_main() and (step % cfg.log_every == 0 or batches == 1)

@@ -158,11 +158,11 @@ def test_all_gather_cat_and_wrap_model_in_a_single_process(monkeypatch):
 @pytest.mark.parametrize("levels", [0, 2])
 def test_has_unused_parameters_says_which_slan_leaves_parameters_without_gradient(grid7, cache, levels):
     cfg = MatchTrainConfig(store=grid7, text_cache=cache, **{**SLAN, "slan_levels": levels, "w_itm": 0.0})
-    ds = MatchDataset(grid7, kind="slan", text_cache=cache, split="train")
+    ds = MatchDataset(grid7, text="bert", visual="grid", text_cache=cache, split="train")
     b = ds[ds.rows[:6]]
     torch.manual_seed(0)
     net = MatchNet(**model_args(cfg, 2048, 0, 384))
-    res = match_losses(net(b, attention=False), b, cfg, torch.Generator().manual_seed(0), queue=net.net.queue)
+    res = match_losses(net(b, attention=False), b, cfg, torch.Generator().manual_seed(0), net=net)
     res["loss"].backward()
     unused = [n for n, p in net.named_parameters() if p.grad is None]
     assert net.has_unused_parameters == bool(unused), unused  # a term at weight 0 still gives (zero) gradients

@@ -9,7 +9,8 @@ import torch
 from synth_store import make_synth_store
 from vlcache.stages.match.entities import entity_queries, read_entities_annotation, read_entities_sentences
 from vlcache.stages.match.data import load_split
-from vlcache.stages.match.evaluate import evaluate_match, protocol_metrics, run_match_ablation
+from vlcache.stages.match.ablation import run_match_ablation
+from vlcache.stages.match.evaluate import evaluate_match, protocol_metrics
 from vlcache.stages.match.train import MatchTrainConfig, load_match_run, make_dataset, similarity, train_match
 from vlcache.storage.store import open_store
 
@@ -152,7 +153,7 @@ def test_entities_queries_and_metrics_on_the_synthetic_store(scan_run, synth, tm
     expected = _write_entities(tmp_path / "ent", synth)
     net, vocab, _, cfg = load_match_run(scan_run)
     data = load_split(make_dataset(cfg, "test", vocab, "all", False))
-    q = entity_queries(tmp_path / "ent", synth, data, "scan")
+    q = entity_queries(tmp_path / "ent", synth, data, "tokens")
     assert q["stats"]["images"] == 4 and q["stats"]["sentences"] == 8 and q["stats"]["sentences_unmatched"] == 0
     assert q["stats"]["phrases_boxed"] == q["stats"]["phrases_used"] == expected > 0
     store = open_store(synth)

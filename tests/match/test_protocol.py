@@ -124,7 +124,7 @@ def test_block_groups_touch_at_most_the_window():
 def test_caption_epoch_sees_every_caption_once_shuffled_at_caption_level(synth):
     cfg = MatchTrainConfig(model="scan", store=synth, **TINY)
     vocab = build_vocab(cfg)
-    ds = MatchDataset(synth, kind="scan", vocab=vocab, split="train", captions="each", labels=False)
+    ds = MatchDataset(synth, text="tokens", visual="regions", vocab=vocab, split="train", captions="each", labels=False)
     counts = ds.caption_counts()
     loader, sampler = match_loader(ds, batch_size=7, seed=3, window_blocks=1)
     sampler.set_epoch(0)
@@ -156,7 +156,7 @@ def test_caption_epoch_sees_every_caption_once_shuffled_at_caption_level(synth):
 
 
 def test_caption_epoch_resumes_mid_epoch_and_ranks_take_equal_steps(synth):
-    ds = MatchDataset(synth, kind="mmca", split="train", captions="each", labels=False)
+    ds = MatchDataset(synth, text="bert", visual="regions", split="train", captions="each", labels=False)
     counts = ds.caption_counts()
     full = CaptionBatchSampler(ds.main.sampler(seed=1), counts, 8)
     batches = [p for _, p in full]

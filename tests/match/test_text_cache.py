@@ -99,6 +99,6 @@ def test_cache_of_another_store_is_refused(tiny_store_factory, tmp_path):
     with pytest.raises(StoreError, match="another store|block_size"):
         check_text_cache(out, b.url)
     with pytest.raises(StoreError, match="block size"):
-        MatchDataset(b.url, kind="mmca", text_cache=out)
+        MatchDataset(b.url, text="bert", visual="regions", text_cache=out)
     with pytest.raises(StoreError, match="not a text cache"):
         check_text_cache(a.url, a.url)

@@ -39,7 +39,7 @@ def chance_rsum(n: int, c: int = 5) -> float:
 
 
 def _batch(cfg, vocab, n=8, labels=True, cache=None):
-    ds = MatchDataset(cfg.store, kind=cfg.model, text_cache=cache, vocab=vocab, split="train", labels=labels)
+    ds = MatchDataset(cfg.store, text=cfg.family.text, visual=cfg.family.visual, text_cache=cache, vocab=vocab, split="train", labels=labels)
     return ds[ds.rows[:n]]
 
 

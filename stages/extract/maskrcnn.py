@@ -1,4 +1,5 @@
-"""Mask R-CNN with a ResNet-18/34/50/101 FPN backbone, and the metadata its checkpoints carry.
+"""Mask R-CNN with a ResNet-18/34/50/101 FPN backbone, and the metadata its checkpoints carry (built and
+written by ``stages/detect``, read here by extraction: it sits below both, so neither imports upwards).
 
 A checkpoint written by ``vlcache train detector`` is ``{"model": state_dict, "meta": {...}}`` (plus the
 optimiser state in the run's own resume checkpoints). ``meta`` names everything needed to rebuild the

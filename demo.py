@@ -11,9 +11,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .config import load_config
-from .datasets import load_dataset
-from .synth import generate
+from .pipeline.config import load_config
+from .pipeline.datasets import load_dataset
+from .pipeline.synth import generate
 
 
 def _weights_available() -> bool:
@@ -30,8 +30,8 @@ def _banner(text: str) -> None:
 
 
 def extract_demo_store(out: Path, n_images: int, device: str) -> tuple[str, Path]:
-    from ..stages.extract.config import ExtractConfig
-    from ..stages.extract.loop import extract
+    from .stages.extract.config import ExtractConfig
+    from .stages.extract.loop import extract
 
     data_dir = out / "data"
     if not (data_dir / "dataset_synth.json").is_file():
@@ -54,7 +54,7 @@ def extract_demo_store(out: Path, n_images: int, device: str) -> tuple[str, Path
 
 
 def run_demo(out: str | Path = "demo", n_images: int = 200, device: str = "cpu") -> None:
-    from ..storage.verify import format_info, info
+    from .storage.verify import format_info, info
 
     start = time.perf_counter()
     out = Path(out)
@@ -84,7 +84,7 @@ DEMO_MATCH = ["epochs=12", "batch_size=16", "embed=256", "word_dim=128", "region
 
 
 def train_demo_captioners(url: str, out: Path, device: str) -> str:
-    from ..stages.caption.experiment import run_ica_experiment
+    from .stages.caption.experiment import run_ica_experiment
 
     _banner("4/5 Show-Attend-Tell: baseline and +ICA (vlcache experiment ica)")
     res = run_ica_experiment(url, seeds=1, name="ica", runs_root=out / "runs", figures=4,
@@ -93,8 +93,8 @@ def train_demo_captioners(url: str, out: Path, device: str) -> str:
 
 
 def train_demo_matcher(url: str, out: Path, device: str) -> dict:
-    from ..stages.match.evaluate import evaluate_match
-    from ..stages.match.train import MatchTrainConfig, train_match
+    from .stages.match.evaluate import evaluate_match
+    from .stages.match.train import MatchTrainConfig, train_match
 
     _banner("5/5 SCAN image-text matching (vlcache train match / evaluate match)")
     run = out / "runs" / "scan"
