@@ -1,4 +1,5 @@
 """The `vlcache` command line. Thin on purpose: it parses, resolves configs and calls library code.
+(Over 400 lines only because there are twenty-odd commands, each a typer signature and one call.)
 
 Config precedence for commands that take one: built-in defaults < --config FILE < the command's own
 options < --set key=value overrides (see vlcache.pipeline.config).

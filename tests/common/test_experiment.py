@@ -1,6 +1,6 @@
 """Ablation tables: mean ± sample std, paired deltas, markdown; the generic train/eval driver.
 
-The ICA experiment end to end is in test_caption_eval.py (it shares that module's METEOR JVM)."""
+The ICA experiment end to end is in tests/caption/test_evaluate.py (it shares that module's METEOR JVM)."""
 
 import math
 
