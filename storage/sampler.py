@@ -18,7 +18,7 @@ from torch.utils.data import Sampler
 from .backends import open_backend
 from .schema import DONE, split_code
 
-__all__ = ["BlockSampler", "good_rows"]
+__all__ = ["BlockSampler", "ReadAhead", "good_rows"]
 
 
 def good_rows(backend, split: str | None = None) -> np.ndarray:
@@ -28,6 +28,27 @@ def good_rows(backend, split: str | None = None) -> np.ndarray:
     if split is not None:
         keep &= np.asarray(backend.read("images/split", slice(None))) == split_code(split)
     return np.flatnonzero(keep)
+
+
+class ReadAhead:
+    """Announces blocks before their rows are read: :meth:`at` ``(i)`` calls ``hook(blocks)`` with the blocks
+    of ``order[i : i + rows]`` not announced yet this epoch, each time position ``i`` passes half of the last
+    announced stretch (so a block is announced about ``rows / 2`` rows before its first row is needed).
+    ``hook`` None or ``rows`` 0: nothing is announced."""
+
+    def __init__(self, order: np.ndarray, block_size: int, hook, rows: int):
+        self.blocks, self.hook, self.rows = np.asarray(order) // block_size, hook, int(rows or 0)
+        self.announced: set[int] = set()
+        self.horizon = -1
+
+    def at(self, i: int) -> None:
+        if self.hook is None or not self.rows or i < self.horizon:
+            return
+        new = set(np.unique(self.blocks[i:i + self.rows]).tolist()) - self.announced
+        if new:
+            self.hook(sorted(new))
+            self.announced |= new
+        self.horizon = i + max(1, self.rows // 2)
 
 
 class BlockSampler(Sampler[int]):
@@ -136,20 +157,9 @@ class BlockSampler(Sampler[int]):
         order = self.rank_order(self.epoch)
         start, self._start = self._start, 0
         self.position = start
-        if self.readahead is None or not self.readahead_rows:
-            for r in order[start:].tolist():
-                self.position += 1
-                yield r
-            return
-        # Announce the blocks of the next `readahead_rows` rows before yielding them (each block once).
-        blocks, announced, horizon = order // self.block_size, set(), start
+        ahead = ReadAhead(order, self.block_size, self.readahead, self.readahead_rows)
         for i, r in enumerate(order[start:].tolist(), start):
-            if i >= horizon:
-                ahead = set(np.unique(blocks[i:i + self.readahead_rows]).tolist()) - announced
-                if ahead:
-                    self.readahead(sorted(ahead))
-                    announced |= ahead
-                horizon = i + self.readahead_rows // 2
+            ahead.at(i)
             self.position += 1
             yield r
 

@@ -18,6 +18,7 @@ import copy
 
 import numpy as np
 
+from ...storage.sampler import ReadAhead
 from ...storage.streaming import BlockSampler
 
 
@@ -80,7 +81,11 @@ class CaptionBatchSampler:
     def __iter__(self):
         pairs = self.epoch_pairs(self.epoch)
         start, self._start = self._start, 0
+        # the row sampler's readahead hook, if set, hears of each block before a batch needs it
+        ahead = ReadAhead(pairs[:, 0], self.rows.block_size, self.rows.readahead,
+                          max(self.rows.readahead_rows, 2 * self.batch_size))
         for s in range(start, len(pairs), self.batch_size):
+            ahead.at(s)
             yield self.epoch, pairs[s:s + self.batch_size]
 
     def __len__(self) -> int:

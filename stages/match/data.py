@@ -333,6 +333,8 @@ def match_loader(ds: MatchDataset, batch_size: int, *, shuffle: bool = True, see
     sampler = ds.main.sampler(shuffle=shuffle, seed=seed, window_blocks=window_blocks, rank=rank,
                               world_size=world_size, drop_last=drop_last, lanes=lanes,
                               batch_size=batch_size if lanes > 1 else None)
+    # It starts the page-cache reads of the next windows' chunks, as stream_loader's does.
+    sampler.readahead, sampler.readahead_rows = ds.main.reader.readahead, 2 * window_blocks * ds.main.block_size * lanes
     # Its own generator: creating an iterator must not draw from the global RNG (resume determinism).
     batches = EpochBatchSampler(sampler, batch_size, drop_last)
     if ds.captions == "each":

@@ -174,3 +174,20 @@ def test_caption_epoch_resumes_mid_epoch_and_ranks_take_equal_steps(synth):
     assert len({tuple(p) for p in both.tolist()}) == len(both)  # disjoint shards
     with pytest.raises(ValueError, match="row-level epochs"):
         resumed.load_state_dict({"epoch": 0, "seed": 1, "position": 0})
+
+
+def test_caption_epoch_reads_ahead_before_each_batch(synth):
+    """match_loader's caption-level sampler tells the reader's readahead of every block (once) before the
+    first batch that reads it, as the row sampler of stream_loader does."""
+    cfg = MatchTrainConfig(model="scan", store=synth, **TINY)
+    ds = MatchDataset(synth, kind="scan", vocab=build_vocab(cfg), split="train", captions="each", labels=False)
+    _, sampler = match_loader(ds, batch_size=7, seed=3, window_blocks=1)
+    assert sampler.rows.readahead == ds.main.reader.readahead and sampler.rows.readahead_rows > 0
+    calls, announced, batches = [], [], 0
+    sampler.rows.readahead = calls.append
+    for _, pairs in sampler:
+        announced += [b for c in calls for b in c]
+        calls.clear()
+        assert set((pairs[:, 0] // ds.block_size).tolist()) <= set(announced)
+        batches += 1
+    assert batches > 1 and len(announced) == len(set(announced)) == len(set(ds.main.rows // ds.block_size))
