@@ -5,7 +5,8 @@
 
 Data: N BUTD-style rows (36 regions x 2048 float16 features + boxes, ``bench/layouts.py``), written once as
 ``.npy`` and copied into each layout, so every layout holds the same rows. Per size, layouts are written
-one at a time, measured, and removed (disk and page cache hold one layout at a time).
+one at a time, measured, and removed (disk and page cache hold one layout at a time); with ``--keep`` they
+stay in ``--dir`` and a later run measures them without writing again (``--write-only`` writes them ahead).
 
 Each configuration runs in a fresh subprocess: shuffled batches of ``--batch`` through a torch DataLoader
 (the store: ``stream_loader``, block-shuffled, lanes = workers; the others: a per-row Dataset, a shuffled
@@ -242,12 +243,16 @@ def main(argv=None) -> int:
     ap.add_argument("--remote-rows", type=int, default=1024, help="rows of the S3 store (0: no remote run)")
     ap.add_argument("--dir", type=Path, default=None, help="work folder (default: a temp folder, removed)")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the layouts written in --dir, and reuse those written before (measure only)")
+    ap.add_argument("--write-only", action="store_true", help="with --keep: write the layouts, measure nothing")
     ap.add_argument("--run", help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
     ap.add_argument("--cold", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--epochs", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--storage-options", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    args.keep = args.keep or args.write_only
     if args.run:  # child: one configuration
         so = json.loads(args.storage_options) if args.storage_options else None
         print(json.dumps(run_config(args.run, args.path, args.workers[0], args.batch, args.seconds, args.cold, so,
@@ -267,6 +272,7 @@ def main(argv=None) -> int:
     idle = measure("idle", "", 0, args.batch, 0)
     print(f"baseline RSS of a process that only imports torch: {idle['rss_main_mb']:.0f} MiB", flush=True)
     results: list[dict] = []
+    breakdown: dict[int, dict] = {}
     try:
         for n in args.images:
             src = work / f"npy-{n}"
@@ -278,10 +284,16 @@ def main(argv=None) -> int:
                 kind = "store" if layout.startswith("store") else layout
                 path = {"store": work / f"store-{n}.zarr", "store-h5": work / f"store-{n}.h5"}.get(layout)
                 path = path or (src if kind in ("npy-mmap", "ram") else work / f"{layout}-{n}")
-                t = time.perf_counter()
-                write_layout(kind, path, src, n)
+                t, marker = time.perf_counter(), Path(f"{path}.written")
+                if not (args.keep and marker.exists()):
+                    write_layout(kind, path, src, n)
+                    marker.touch()
                 size = sum(du(p) for p in files_of(kind, path))
                 written = time.perf_counter() - t
+                if args.write_only:
+                    continue
+                if layout == "store":
+                    breakdown[n] = region_bytes(path, n)
                 for w in args.workers:
                     for cold in (False, True):
                         if cold and (w not in args.cold_workers or kind == "ram" or not can_drop):
@@ -296,18 +308,35 @@ def main(argv=None) -> int:
                               f"{r['samples_per_s'] or 0:>8.0f} samples/s  rounds {r.get('rounds')}  peak RSS main "
                               f"{r.get('rss_main_mb', 0):.0f} MiB, worker {r.get('rss_worker_mb', 0):.0f} MiB  "
                               f"[{size / 2**20:.0f} MiB on disk, load {r['load']:.1f}]", flush=True)
-                if kind not in ("npy-mmap", "ram"):
+                if kind not in ("npy-mmap", "ram") and not args.keep:
                     shutil.rmtree(path) if path.is_dir() else path.unlink()
-            shutil.rmtree(src)
-        remote = remote_run(work, args.remote_rows, args.batch, args.seconds) if args.remote_rows else None
+                    marker.unlink()
+            if not args.keep:
+                shutil.rmtree(src)
+        remote = (remote_run(work, args.remote_rows, args.batch, args.seconds)
+                  if args.remote_rows and not args.write_only else None)
     finally:
         if args.dir is None:
             shutil.rmtree(work, ignore_errors=True)
     summary = report(results, args, remote)
+    summary["regions_bytes"] = breakdown
     if args.json:
         args.json.write_text(json.dumps({"info": info, "results": results, "remote": remote, "summary": summary},
                                         indent=1))
     return 0
+
+
+BUTD_BYTES = R * D * 4 + R * 4 * 4  # BUTD's float32 features + boxes per image
+
+
+def region_bytes(store: Path, n: int) -> dict:
+    """Bytes per image of each ``regions/`` array of the Zarr store (chunk files and metadata) and of
+    ``regions/`` over the BUTD float32 layout; printed, and returned for the JSON."""
+    per = {a.name: du(a) / n for a in sorted((store / "regions").iterdir()) if a.is_dir()}
+    total = du(store / "regions") / n
+    print(f"regions/ bytes per image: {total:,.1f} = {total / BUTD_BYTES:.4f}x BUTD float32 ({BUTD_BYTES:,}): "
+          + ", ".join(f"{k} {v:,.1f}" for k, v in per.items()), flush=True)
+    return {"per_array": per, "total": total, "vs_butd": total / BUTD_BYTES}
 
 
 def report(results: list[dict], args, remote) -> dict:

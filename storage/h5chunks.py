@@ -103,10 +103,15 @@ class H5ChunkFiles:
         if index is None or backend.kind != "hdf5":
             return None
         backend._ensure_open()
-        fd = backend._file.id.get_vfd_handle()  # the very file h5py reads (and checks) for us
+        # our own descriptor of the very file h5py reads (and checks) for us, valid after h5py closes it
+        fd = os.dup(backend._file.id.get_vfd_handle())
         if file_identity(os.fstat(fd)) != index.identity:
+            os.close(fd)
             return None
         return cls(backend, index, fd)
+
+    def __del__(self):
+        os.close(self.fd)  # mappings made from it stay valid
 
     def read_block(self, path: str, block: int) -> np.ndarray | None:
         """Rows of ``block`` of ``path`` (read-only), or None when this module does not read them."""
