@@ -180,7 +180,7 @@ def test_caption_epoch_reads_ahead_before_each_batch(synth):
     """match_loader's caption-level sampler tells the reader's readahead of every block (once) before the
     first batch that reads it, as the row sampler of stream_loader does."""
     cfg = MatchTrainConfig(model="scan", store=synth, **TINY)
-    ds = MatchDataset(synth, kind="scan", vocab=build_vocab(cfg), split="train", captions="each", labels=False)
+    ds = MatchDataset(synth, text="tokens", visual="regions", vocab=build_vocab(cfg), split="train", captions="each", labels=False)
     _, sampler = match_loader(ds, batch_size=7, seed=3, window_blocks=1)
     assert sampler.rows.readahead == ds.main.reader.readahead and sampler.rows.readahead_rows > 0
     calls, announced, batches = [], [], 0
