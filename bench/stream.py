@@ -319,10 +319,9 @@ def main(argv=None) -> int:
         if args.dir is None:
             shutil.rmtree(work, ignore_errors=True)
     summary = report(results, args, remote)
-    summary["regions_bytes"] = breakdown
     if args.json:
-        args.json.write_text(json.dumps({"info": info, "results": results, "remote": remote, "summary": summary},
-                                        indent=1))
+        args.json.write_text(json.dumps({"info": info, "results": results, "remote": remote, "summary": summary,
+                                         "regions_bytes": breakdown}, indent=1))
     return 0
 
 

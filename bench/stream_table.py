@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     print(tables(runs))
     for run in runs:
         print("\n" + run["info"]["machine"], "| load at start", run["info"]["load_average_start"], "|", run["info"]["cold"])
-        for n, b in run["summary"].get("regions_bytes", {}).items():
+        for n, b in run.get("regions_bytes", {}).items():
             print(f"regions/ bytes at {n} rows: {b}")
         if run.get("remote"):
             for w in ("0", "2"):
