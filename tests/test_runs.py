@@ -15,7 +15,7 @@ from synth_store import make_synth_store
 from vlcache.pipeline.runs import RunDir, finite_json
 from vlcache.stages.caption.evaluate import evaluate_caption
 from vlcache.stages.caption.train import CaptionTrainConfig, train_caption
-from vlcache.stages.common.experiment import _score_cell
+from vlcache.stages.common.experiment import score_cell
 from vlcache.stages.match.evaluate import evaluate_match, write_report
 from vlcache.stages.match.registry import match_model
 from vlcache.stages.match.train import MatchTrainConfig, train_match
@@ -93,7 +93,7 @@ def test_scores_json_writes_null_not_nan_and_says_why(scan_i2t_run):
                   box_words=0, kept_regions=None, box_moved=None)
     write_report(RunDir(run), scores, RunDir(run).read_config(), [], match_model("slan"))  # SLAN's section
     assert "n/a% of the words' boxes moved" in (run / "report.md").read_text()
-    assert _score_cell(None) == _score_cell(float("nan")) == "n/a" and _score_cell(0.25) == "0.2500"
+    assert score_cell(None) == score_cell(float("nan")) == "n/a" and score_cell(0.25) == "0.2500"
 
 
 def test_captioning_and_matching_number_epochs_alike(caption_run, scan_i2t_run):

@@ -7,13 +7,14 @@ import dataclasses
 import json
 from pathlib import Path
 
-from ..common.experiment import _number, _score_cell, _slug, format_table, paired_deltas, run_ablation, summarize
+from ..common.experiment import (finite_number, format_table, paired_deltas, run_ablation, run_slug, score_cell,
+                                 summarize)
 
 ICA_VARIANTS = ("Show-Attend-Tell", "+ICA loss")
 
 
 def _chance(rows: list[dict]) -> float:
-    vals = [_number(r.get("attn_correctness_uniform")) for r in rows]
+    vals = [finite_number(r.get("attn_correctness_uniform")) for r in rows]
     vals = [v for v in vals if v is not None]
     return sum(vals) / len(vals) if vals else float("nan")
 
@@ -45,7 +46,7 @@ def run_ica_experiment(store: str, seeds: int = 3, *, name: str = "ica", runs_ro
     root.mkdir(parents=True, exist_ok=True)
 
     def train_fn(variant: str, ov: dict, seed: int) -> Path:
-        run_dir = root / f"{_slug(variant)}-seed{seed}"
+        run_dir = root / f"{run_slug(variant)}-seed{seed}"
         train_caption(dataclasses.replace(base, seed=seed, **ov), run_dir, resume=True, progress=progress)
         return run_dir
 
@@ -77,8 +78,8 @@ def run_ica_experiment(store: str, seeds: int = 3, *, name: str = "ica", runs_ro
           f"(uniform attention) of the correctness: {_chance(rows):.4f}",
           *[f"- {n}" for n in notes], "", "## Runs", "",
           "| variant | seed | run | CIDEr | Attn corr. |", "|---|---|---|---|---|",
-          *[f"| {r['variant']} | {r['seed']} | `{r['run']}` | {_score_cell(r.get('CIDEr'))} | "
-            f"{_score_cell(r.get('attn_correctness'))} |" for r in rows], ""]
+          *[f"| {r['variant']} | {r['seed']} | `{r['run']}` | {score_cell(r.get('CIDEr'))} | "
+            f"{score_cell(r.get('attn_correctness'))} |" for r in rows], ""]
     (root / "ablation.md").write_text("\n".join(md))
     result = {"name": name, "store": store, "store_fingerprint": fingerprint, "split": split, "seeds": seed_list,
               "variants": variants, "config": to_dict(base), "rows": rows,

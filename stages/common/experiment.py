@@ -23,7 +23,8 @@ METRIC_LABELS = {"Bleu_1": "BLEU-1", "Bleu_2": "BLEU-2", "Bleu_3": "BLEU-3", "Bl
                  "attn_correctness": "Attn corr."}
 
 
-def _number(v) -> float | None:
+def finite_number(v) -> float | None:
+    """``v`` as a float when it is a finite number (not a bool), else None."""
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return None
     return float(v) if math.isfinite(v) else None
@@ -44,7 +45,7 @@ def run_ablation(variants: Mapping[str, dict], seeds: Sequence[int], train_fn: C
             run = train_fn(name, dict(overrides), seed)
             metrics = eval_fn(run)
             rows.append({"variant": name, "seed": seed, "run": str(run),
-                         **{k: v for k, v in metrics.items() if _number(v) is not None}})
+                         **{k: v for k, v in metrics.items() if finite_number(v) is not None}})
     return rows
 
 
@@ -57,9 +58,9 @@ def _mean_std(values: list[float]) -> dict:
 
 def _metrics_of(rows: list[dict], metrics: Sequence[str] | None) -> list[str]:
     if metrics is not None:
-        return [m for m in metrics if any(_number(r.get(m)) is not None for r in rows)]
+        return [m for m in metrics if any(finite_number(r.get(m)) is not None for r in rows)]
     skip = {"variant", "seed", "run"}
-    return sorted({k for r in rows for k, v in r.items() if k not in skip and _number(v) is not None})
+    return sorted({k for r in rows for k, v in r.items() if k not in skip and finite_number(v) is not None})
 
 
 def summarize(rows: list[dict], metrics: Sequence[str] | None = None) -> dict:
@@ -72,7 +73,7 @@ def summarize(rows: list[dict], metrics: Sequence[str] | None = None) -> dict:
         for r in rows:
             out.setdefault(r["variant"], {})
         for variant in out:
-            vals = [_number(r.get(m)) for r in rows if r["variant"] == variant]
+            vals = [finite_number(r.get(m)) for r in rows if r["variant"] == variant]
             vals = [v for v in vals if v is not None]
             if vals:
                 out[variant][m] = _mean_std(vals)
@@ -89,7 +90,7 @@ def paired_deltas(rows: list[dict], baseline: str, metrics: Sequence[str] | None
         for r in rows:
             if r["variant"] == baseline:
                 continue
-            a, b = _number(r.get(m)), _number(base.get(r["seed"], {}).get(m))
+            a, b = finite_number(r.get(m)), finite_number(base.get(r["seed"], {}).get(m))
             if a is not None and b is not None:
                 out.setdefault(r["variant"], {}).setdefault(m, []).append(a - b)
     return {v: {m: _mean_std(d) for m, d in ms.items()} for v, ms in out.items()}
@@ -130,10 +131,11 @@ def format_table(rows: list[dict], metrics: Sequence[str] | None = None, *, base
     return "\n".join(lines)
 
 
-def _score_cell(v) -> str:
+def score_cell(v) -> str:
     """A score for a table: undefined ones (null in scores JSON, NaN) read n/a."""
-    return "n/a" if _number(v) is None else f"{v:.4f}"
+    return "n/a" if finite_number(v) is None else f"{v:.4f}"
 
 
-def _slug(name: str) -> str:
+def run_slug(name: str) -> str:
+    """A variant's name as a run folder name ("+CCR+CCS" -> "ccr-ccs")."""
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "variant"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ...pipeline.config import load_config, to_dict
 from ...pipeline.runs import write_strict_json
-from ..common.experiment import _slug, format_table, paired_deltas, run_ablation, summarize
+from ..common.experiment import format_table, paired_deltas, run_ablation, run_slug, summarize
 from .evaluate import evaluate_match
 from .train import MatchTrainConfig, train_match
 
@@ -31,7 +31,7 @@ def ablation_rows(base, variants: dict, seeds: int, root: Path, split: str, figu
     A run whose scores are newer than its best checkpoint is not re-evaluated, so an interrupted
     ablation resumes where it stopped. Returns (seeds, rows for experiment.format_table)."""
     def train_fn(variant: str, ov: dict, seed: int) -> Path:
-        run_dir = root / f"{_slug(variant)}-seed{seed}"
+        run_dir = root / f"{run_slug(variant)}-seed{seed}"
         train_match(dataclasses.replace(base, seed=seed, **ov), run_dir, resume=True)
         return run_dir
 
