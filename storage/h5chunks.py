@@ -110,8 +110,11 @@ class H5ChunkFiles:
             return None
         return cls(backend, index, fd)
 
-    def __del__(self):
-        os.close(self.fd)  # mappings made from it stay valid
+    def __del__(self, _close=os.close):  # bound early: os may be gone at interpreter exit
+        try:
+            _close(self.fd)  # mappings made from it stay valid
+        except OSError:
+            pass
 
     def read_block(self, path: str, block: int) -> np.ndarray | None:
         """Rows of ``block`` of ``path`` (read-only), or None when this module does not read them."""
