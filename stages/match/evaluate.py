@@ -270,7 +270,7 @@ def write_report(run: RunDir, scores: dict, config: dict, figures: list[Path], f
         lines.append(f"| Flickr30k Entities boxes | {report_number(e['attn_precision'])} | {report_number(e['attn_recall'])} | "
                      f"{report_number(e['attn_f1'])} | {e['attn_words']} |")
     lines += ["", "Attended set: top regions up to half the attention mass; reference: regions with >= 50% of "
-              "their box inside the word's merged mask (else the best-covered ones), or with IoU >= 0.5 with an "
+              "their box inside the word's merged mask (a word with none is not scored), or with IoU >= 0.5 with an "
               "Entities phrase box. Multi-word queries average their positions' attention.", ""]
     lines += family.report_lines(scores, config)
     if scores["notes"]:

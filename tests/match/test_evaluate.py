@@ -52,6 +52,7 @@ def test_evaluation_writes_scores_and_report_in_range(scan_run):
     assert saved["rsum"] == s["rsum"] and json.loads((scan_run / "eval" / "scores.json").read_text()) == saved
     report = (scan_run / "report.md").read_text()
     assert "rsum" in report and "Attention" in report and f"{s['rsum']:.2f}" in report
+    assert "best-covered" not in report and "(no fallback)" in s["attn_reference"]  # the report says what was scored
     figs = sorted((scan_run / "figures").glob("match_attention_test_*.png"))
     assert len(figs) == 2 and all(f.stat().st_size > 5000 for f in figs)
     assert all(f"figures/{f.name}" in report for f in figs)
