@@ -144,7 +144,9 @@ class ZarrBackend(Backend):
         if protocol(self.url) in _NO_LISTING:
             return {b for b in range(self.layout.num_blocks) if fs.exists(f"{root}/{self.chunk_key(path, b)}")}
         prefix = f"{root}/{path}/c/"
-        return {int(k[len(prefix):].split("/")[0]) for k in fs.find(prefix) if k.startswith(prefix)}
+        names = (k[len(prefix):].split("/")[0] for k in fs.find(prefix) if k.startswith(prefix))
+        # a writer killed mid-chunk leaves Zarr's temporary '<block>.<uuid>.partial' file: not a chunk
+        return {int(name) for name in names if name.isdigit()}
 
     def stored_bytes(self) -> dict[str, int]:
         """Bytes in storage per array (chunks and metadata), plus '' for the root metadata."""

@@ -233,3 +233,18 @@ def test_overwrite_never_deletes_foreign_data(tmp_path):
         StoreWriter(tmp_path / "theirs.h5", LAYOUT, ww.ATTRS, overwrite=True)
     with h5py.File(tmp_path / "theirs.h5") as f:
         assert f["data"][2] == 2
+
+
+def test_temporary_file_of_a_killed_writer_is_not_a_chunk(tiny_store_factory):
+    """A writer killed while Zarr writes a chunk leaves '<block>.<uuid>.partial' next to the chunks (seen
+    in the random-kill reliability test); verify and stored_blocks must not take it for a block."""
+    from pathlib import Path
+
+    from vlcache.storage.backends import open_backend
+    from vlcache.storage.verify import verify
+
+    ts = tiny_store_factory("partial.zarr", n=20, block_size=8)
+    (Path(ts.url) / "images/done/c/2.5ab65156619345dba2454026ff14b486.partial").write_bytes(b"\0" * 3)
+    with open_backend(ts.url) as b:
+        assert b.stored_blocks("images/done") == {0, 1, 2}
+    assert verify(ts.url).ok
