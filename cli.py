@@ -243,7 +243,7 @@ def inspect_cmd(
     """Draw one image with its cached masks, classes, scores and matched caption words to a PNG."""
     if (image is None) == (row is None):
         _usage("give the image as --image ID or as --row N (one of them)")
-    from .storage.figures import inspect_image
+    from .storage.inspect_png import inspect_image
     from .storage.store import open_store
 
     with open_store(url, image_root=image_root) as store:

@@ -49,7 +49,7 @@ from vlcache.pipeline.config import load_config
 from vlcache.pipeline.datasets import load_dataset
 from vlcache.pipeline.synth import generate
 from vlcache.stages.extract.config import ExtractConfig
-from vlcache.stages.extract.images import load_image
+from vlcache.storage.images import load_image
 from vlcache.stages.extract.loop import extract
 from vlcache.stages.extract.models import build_models
 

@@ -6,16 +6,16 @@ they render without a display; in Jupyter a returned Figure is shown inline.
 
 from __future__ import annotations
 
-import os
 import re
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib.figure import Figure
 
-from .store import Store, open_store
+if TYPE_CHECKING:  # annotations only: Store.show imports this module, so no import back at run time
+    from .store import Store
 
-__all__ = ["draw_row", "gallery", "inspect_figure", "inspect_image", "resolve_row"]
+__all__ = ["draw_row", "gallery", "inspect_figure", "resolve_row"]
 
 _WIDTH_IN = 6.4  # a single image's figure width (inches); portrait images get narrower figures
 _MAX_IMAGE_IN = 7.0  # tallest drawn image (inches)
@@ -62,17 +62,6 @@ def gallery(store: Store, rows, cols: int = 4, caption: int = 0, score_threshold
     return fig
 
 
-def inspect_image(url, image, caption: int = 0, word=None, out="fig.png", image_root=None,
-                  storage_options: dict | None = None, dpi: int = 120) -> Path:
-    """``vlcache inspect``: draw ``image`` (row or id) of the store at ``url`` into the PNG ``out``."""
-    out = Path(os.fspath(out))
-    with open_store(url, image_root=image_root, storage_options=storage_options) as store:
-        fig = inspect_figure(store, image, caption=caption, word=word)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=dpi, bbox_inches="tight", pad_inches=0.05)  # no empty margin
-    return out
-
-
 # ------------------------------------------------------------------------------------------- drawing
 def _class_color(label: int) -> tuple:
     from matplotlib import colormaps
@@ -83,7 +72,7 @@ def _class_color(label: int) -> tuple:
 def _pixels(store: Store, k: int, h: int, w: int) -> tuple[np.ndarray, str]:
     """What extraction saw (its decoder, so EXIF-rotated, 16-bit and transparent images look right and
     line up with the boxes), and a note for the title when it cannot be drawn."""
-    from ..stages.extract.images import BadImageError
+    from .images import BadImageError
 
     try:
         img = np.asarray(store.image(k))
@@ -98,7 +87,7 @@ def _pixels(store: Store, k: int, h: int, w: int) -> tuple[np.ndarray, str]:
 
 def _same_name(words: str, class_name: str) -> bool:
     """Whether the matched words are the class name or its plural (no "→ class" label needed)."""
-    from ..stages.extract.matching import plural_forms
+    from .word_forms import plural_forms
 
     a, b = words.lower().split(), class_name.lower().split()
     if a == b:

@@ -176,10 +176,10 @@ class Store:
     def image(self, i):
         """The image of row ``i`` as extraction saw it, a PIL RGB image: decoded from the dataset's file by
         the extraction's own decoder (EXIF orientation applied, transparency on white, 16-bit scaled,
-        CMYK/palette converted; ``stages/extract/images.py``), so its size is ``images/hw``."""
+        CMYK/palette converted; ``storage/images.py``), so its size is ``images/hw``."""
         from PIL import Image
 
-        from ..stages.extract.images import BadImageError, load_image
+        from .images import BadImageError, load_image
 
         path = self.image_path(i)
         k = self._row(i)

@@ -195,7 +195,7 @@ def test_extraction_pools_regions_at_butd_scale_by_default(tmp_path):
             "features.grid_size=2", "features.region_min_size=96", "features.region_max_size=160",
             "groups=[regions,grid]"]
     models = build_models(load_config(ExtractConfig, overrides=sets), ds)
-    from vlcache.stages.extract.images import load_image
+    from vlcache.storage.images import load_image
 
     images = [load_image(ds.image_root / r.path) for r in ds.records]
     outs = models.run(images, ds.records)

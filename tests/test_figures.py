@@ -18,9 +18,10 @@ from test_extract import _grid_sets, _jpeg_bytes, write_karpathy
 from vlcache.pipeline.config import load_config
 from vlcache.pipeline.datasets import load_dataset
 from vlcache.stages.extract.config import ExtractConfig
-from vlcache.stages.extract.images import load_image
+from vlcache.storage.images import load_image
 from vlcache.stages.extract.loop import extract
-from vlcache.storage.figures import caption_pieces, inspect_image
+from vlcache.storage.figures import caption_pieces
+from vlcache.storage.inspect_png import inspect_image
 from vlcache.storage.schema import SPLITS
 from vlcache.storage.store import open_store
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from vlcache.stages.extract.images import BadImageError, load_image, to_rgb
+from vlcache.storage.images import BadImageError, load_image, to_rgb
 
 
 def _save(img, path, **kw):

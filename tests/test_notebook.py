@@ -15,7 +15,8 @@ from matplotlib.figure import Figure
 from nbclient import NotebookClient
 from PIL import Image
 
-from vlcache.storage.figures import gallery, inspect_figure, inspect_image, resolve_row
+from vlcache.storage.figures import gallery, inspect_figure, resolve_row
+from vlcache.storage.inspect_png import inspect_image
 from vlcache.storage.masks import paste_masks
 from vlcache.storage.store import open_store
 

@@ -86,7 +86,7 @@ def env_with_credentials(s3) -> dict:
 _INSPECT = """
 import json, sys
 from vlcache.storage.store import open_store
-from vlcache.storage.figures import inspect_image
+from vlcache.storage.inspect_png import inspect_image
 url, png, images = sys.argv[1:4]  # the images are on the teammate's disk, the store on S3
 with open_store(url, image_root=images) as s:
     k = s.index_of("img003")

@@ -25,7 +25,7 @@ from pycocotools import mask as mask_utils
 
 from ...pipeline.datasets import DatasetError, _attach_instances, load_dataset
 from ...pipeline.records import ImageRecord
-from ..extract.images import BadImageError, load_image
+from ...storage.images import BadImageError, load_image
 
 
 @dataclass

@@ -50,7 +50,7 @@ def _quiet(fn, *args):
 def predict(model, records: list[ImageRecord], root: Path, image_ids: list[int], category_ids: list[int],
             device: torch.device, batch_size: int = 2) -> list[dict]:
     """COCO results (bbox xywh, score, category_id, RLE segmentation) for ``records``."""
-    from ..extract.images import load_image
+    from ...storage.images import load_image
 
     model.eval()
     out: list[dict] = []

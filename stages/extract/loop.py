@@ -30,7 +30,7 @@ from ...storage.schema import Capacities, Layout
 from ...storage.writer import StoreWriter, done_mask
 from .config import ExtractConfig
 from .detectors import ImageDataError
-from .images import BadImageError, load_image
+from ...storage.images import BadImageError, load_image
 from .models import build_models
 from .rows import RowBuilder
 
