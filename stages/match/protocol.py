@@ -26,6 +26,7 @@ Attention (``forward``/``attention``): word->region ``query (P, L, d)``, ``value
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch
@@ -63,7 +64,7 @@ def query_attention(net, data: dict, txt: torch.Tensor, pos: torch.Tensor, devic
     return out
 
 
-class MatchModel:
+class MatchModel(ABC):
     """One matching model (module doc). Subclasses set ``name``, ``text``, ``visual`` and ``network`` and
     implement :meth:`network_args`, :meth:`forward`, :meth:`attention` and :meth:`similarity`; the other
     hooks default to what a hardest-negative-triplet model with no extras needs."""
@@ -78,9 +79,9 @@ class MatchModel:
     def check_config(self, cfg) -> None:
         """Raise ValueError for a config this model cannot train with."""
 
+    @abstractmethod
     def network_args(self, cfg, visual_dim: int, vocab_size: int, text_dim: int) -> dict:
         """The network's constructor arguments (saved in checkpoints, without ``kind``)."""
-        raise NotImplementedError
 
     def visual_width(self, args: dict) -> int:
         """Width of the visual features the network reads, from its arguments (``MatchNet``'s statistics)."""
@@ -91,10 +92,10 @@ class MatchModel:
         return False
 
     # ------------------------------------------------------------------------------------- training
+    @abstractmethod
     def forward(self, net, batch: dict, attention: bool) -> dict:
         """``sim (P, P)`` (row p = image of caption p, column = caption) and, with ``attention``, the
         matched pairs' attention (module doc)."""
-        raise NotImplementedError
 
     def objective(self, net, out: dict, batch: dict, cfg, generator: torch.Generator | None) -> dict:
         """The model's own loss terms, with ``"loss"`` their weighted sum. Default: the hardest-negative
@@ -108,14 +109,14 @@ class MatchModel:
         """Called after every optimizer step on every rank (e.g. a queue update)."""
 
     # ----------------------------------------------------------------------------------- evaluation
+    @abstractmethod
     def similarity(self, net, data: dict, device, rerank_top: int = 0, block: int = 1024) -> dict:
         """``sim (n_img, n_txt)`` on the CPU for a split batch (``data.load_split``), eval mode set by the
         caller; a ``shortlist`` model with ``rerank_top`` also returns ``sim_t2i`` and ``n_pairs``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def attention(self, net, batch: dict) -> dict:
         """Word->region attention of matched pairs only (caption p with image ``txt_img[p]``)."""
-        raise NotImplementedError
 
     def attention_missing(self, cfg) -> str | None:
         """Why this configuration has no word->region attention (then no attention metrics), or None."""
