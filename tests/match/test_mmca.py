@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from match_helpers import assert_every_parameter_learns
 from vlcache.stages.match.mmca import MMCA, TransformerUnit
 from vlcache.stages.match.retrieval import recall_at_k
 
@@ -65,16 +66,7 @@ def test_every_parameter_gets_a_gradient_from_a_triplet_loss():
     out = model(regions, rmask, words, wmask, all_pairs=True)
     sim = out["sim"]
     assert sim.shape == (4, 4)
-    pos = sim.diag()
-    off = ~torch.eye(4, dtype=torch.bool)
-    # hardest negatives both ways, margin large enough to be active at random init
-    cost_t = (1.0 + sim - pos[:, None]).clamp(min=0)[off].view(4, 3).max(1).values
-    cost_i = (1.0 + sim - pos[None, :]).clamp(min=0).T[off].view(4, 3).max(1).values
-    (cost_t.sum() + cost_i.sum()).backward()
-    for name, p in model.named_parameters():
-        assert p.grad is not None, name
-        assert torch.isfinite(p.grad).all(), name
-        assert p.grad.abs().sum() > 0, name
+    assert_every_parameter_learns(model, sim)
 
 
 def test_attention_is_differentiable_for_ccr_ccs():

@@ -2,12 +2,12 @@
 boxes inside the image, evaluation outputs, exact resume with the ITC queue, the ablation table."""
 
 import json
-from math import comb
 
 import numpy as np
 import pytest
 import torch
 
+from match_helpers import chance_rsum
 from synth_store import make_synth_store, make_text_cache
 from vlcache.stages.match.data import MatchDataset
 from vlcache.stages.match.evaluate import evaluate_match
@@ -34,13 +34,6 @@ def synth():
 @pytest.fixture(scope="module")
 def cache(synth):
     return make_text_cache(synth)
-
-
-def chance_rsum(n: int, c: int = 5) -> float:
-    """Expected rsum of random scores: t->i R@K = K/n; i->t R@K = P(one of c own captions in the top K of c*n)."""
-    t2i = sum(100 * min(k, n) / n for k in (1, 5, 10))
-    i2t = sum(100 * (1 - comb(c * n - c, k) / comb(c * n, k)) for k in (1, 5, 10))
-    return t2i + i2t
 
 
 @pytest.fixture(scope="module")

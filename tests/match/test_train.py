@@ -1,12 +1,12 @@
 """Matching training on a real synthetic store: batches, losses, learning above chance, exact resume."""
 
 import json
-from math import comb
 
 import numpy as np
 import pytest
 import torch
 
+from match_helpers import chance_rsum
 from synth_store import make_synth_store, make_text_cache
 from vlcache.stages.common.ica import region_labels
 from vlcache.stages.common.losses import lovasz_hinge
@@ -29,13 +29,6 @@ def synth():
 @pytest.fixture(scope="module")
 def cache(synth):
     return make_text_cache(synth)
-
-
-def chance_rsum(n: int, c: int = 5) -> float:
-    """Expected rsum of random scores: t->i R@K = K/n; i->t R@K = P(one of c own captions in the top K of c*n)."""
-    t2i = sum(100 * min(k, n) / n for k in (1, 5, 10))
-    i2t = sum(100 * (1 - comb(c * n - c, k) / comb(c * n, k)) for k in (1, 5, 10))
-    return t2i + i2t
 
 
 def _batch(cfg, vocab, n=8, labels=True, cache=None):
