@@ -123,7 +123,7 @@ def test_no_pickle_anywhere_in_the_package_source():
     assert not any(r.startswith(("tests/", ".venv/")) for r in rel)
     hazards = [h for p in files for h in pickle_hazards(p.read_text(), str(p.relative_to(ROOT)))]
     # the one audited exception: MILVLG npz 'info' through an Unpickler whose find_class admits only numpy's
-    # array builders (tests/test_importers.py feeds it hostile files); it never calls pickle.load(s)
+    # array builders (tests/extract/test_importers.py feeds it hostile files); it never calls pickle.load(s)
     audited = (ROOT / "stages/extract/npz_info.py").read_text()
     assert "def find_class" in audited and "pickle.load(" not in audited and "pickle.loads(" not in audited
     audited_import = [h for h in hazards if h.startswith("stages/extract/npz_info.py:") and h.endswith(": imports pickle")]

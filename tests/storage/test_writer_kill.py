@@ -23,7 +23,7 @@ from vlcache.storage.errors import StoreError, StoreNotFoundError
 from vlcache.storage.schema import DONE
 from vlcache.storage.writer import StoreWriter, done_mask
 
-WORKER = Path(__file__).parent / "helpers" / "write_worker.py"
+WORKER = Path(__file__).parents[1] / "helpers" / "write_worker.py"
 _spec = importlib.util.spec_from_file_location("write_worker", WORKER)
 ww = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ww)

@@ -24,7 +24,7 @@ from vlcache.storage.schema import SCHEMA_VERSION, Capacities, Layout
 from vlcache.storage.verify import DamagedChunk, format_info, info, verify
 from vlcache.storage.writer import StoreWriter
 
-_spec = importlib.util.spec_from_file_location("write_worker", Path(__file__).parent / "helpers" / "write_worker.py")
+_spec = importlib.util.spec_from_file_location("write_worker", Path(__file__).parents[1] / "helpers" / "write_worker.py")
 ww = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ww)
 LAYOUT: Layout = ww.LAYOUT

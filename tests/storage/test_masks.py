@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from torchvision.models.detection.roi_heads import paste_masks_in_image
+from mask_helpers import H, W, brute_coverage, random_instances, torchvision_paste
 
 from vlcache.storage.masks import (
     grid_coverage,
@@ -14,35 +14,6 @@ from vlcache.storage.masks import (
 )
 
 torch.set_num_threads(2)
-H, W = 97, 131
-
-
-def random_instances(seed: int, n: int = 7):
-    rng = np.random.default_rng(seed)
-    # Some boxes stick out of the image (expanded boxes always may), none lies wholly outside it.
-    x1 = rng.uniform(-10, W - 10, n)
-    y1 = rng.uniform(-10, H - 10, n)
-    boxes = np.stack([x1, y1, x1 + rng.uniform(12, 90, n), y1 + rng.uniform(12, 70, n)], 1).astype(np.float32)
-    boxes[0] = [10.3, 5.7, 10.6, 6.1]  # sub-pixel box
-    boxes[1] = [0, 0, W, H]  # whole image
-    # Smooth blobs, like real mask heads, plus noise so thresholds are exercised everywhere.
-    yy, xx = np.mgrid[0:28, 0:28]
-    cy, cx = rng.uniform(6, 22, (2, n))
-    blob = np.exp(-(((yy - cy[:, None, None]) ** 2) + (xx - cx[:, None, None]) ** 2) / 60.0)
-    masks = np.clip(blob + rng.normal(0, 0.05, blob.shape), 0, 1)
-    return boxes, (masks * 255).round().astype(np.uint8)
-
-
-def torchvision_paste(boxes, masks_u8, hw):
-    m = torch.from_numpy(masks_u8).float()[:, None] / 255.0
-    return paste_masks_in_image(m, torch.from_numpy(boxes), hw)[:, 0].numpy()
-
-
-def brute_coverage(binary: np.ndarray, grid: int) -> np.ndarray:
-    """Cell fractions by supersampling every pixel grid x grid times: each cell is then exactly H x W."""
-    h, w = binary.shape[-2:]
-    up = np.repeat(np.repeat(binary.astype(np.float64), grid, -2), grid, -1)
-    return up.reshape(*binary.shape[:-2], grid, h, grid, w).mean(axis=(-3, -1))
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -20,10 +20,12 @@ from PIL import Image
 from pycocotools import mask as cocomask
 from typer.testing import CliRunner
 
+from extract_helpers import grid_sets, jpeg_bytes, write_karpathy
+
 from vlcache.cli import app
 from vlcache.pipeline.config import load_config
 from vlcache.pipeline.datasets import load_dataset
-from vlcache.pipeline.records import Dataset, karpathy_tokens
+from vlcache.pipeline.records import Dataset
 from vlcache.pipeline.synth import SYNTH_CLASSES, SYNTH_SYNONYMS, _plural, generate
 from vlcache.stages.extract.config import ExtractConfig
 from vlcache.stages.extract.detectors import DETECTORS
@@ -53,23 +55,6 @@ def _textured(rng, h, w):
         y, x = rng.integers(0, h // 2), rng.integers(0, w // 2)
         img[y : y + h // 3, x : x + w // 3] = rng.integers(0, 256, 3)
     return img
-
-
-def _sentence(raw, imgid, sentid):
-    return {"tokens": list(karpathy_tokens(raw)), "raw": raw, "imgid": imgid, "sentid": sentid}
-
-
-def write_karpathy(root: Path, entries) -> Path:
-    """Write dataset_flickr8k.json in the real file's layout. ``entries``: (filename, split, [raw captions])."""
-    images, sentid = [], 0
-    for i, (fname, split, caps) in enumerate(entries):
-        sents = [_sentence(c, i, sentid + k) for k, c in enumerate(caps)]
-        images.append({"sentids": [s["sentid"] for s in sents], "imgid": i, "sentences": sents,
-                       "split": split, "filename": fname})
-        sentid += len(caps)
-    path = root / "dataset_flickr8k.json"
-    path.write_text(json.dumps({"images": images, "dataset": "flickr8k"}))
-    return path
 
 
 # ------------------------------------------------------------------------------- torchvision via the CLI
@@ -259,14 +244,6 @@ def test_annotations_backend_masks_and_synonym_matches(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ bad images
-def _jpeg_bytes(arr, **kw) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="JPEG", quality=90, **kw)
-    return buf.getvalue()
-
-
 def write_image_zoo(folder: Path) -> dict[str, tuple]:
     """Write one file per kind; returns name -> ("good", (h, w)) or ("bad", reason fragment)."""
     rng = np.random.default_rng(7)
@@ -290,11 +267,11 @@ def write_image_zoo(folder: Path) -> dict[str, tuple]:
     out["deep16.png"] = ("good", (72, 64))
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display: stored 80x64 (w x h) shows as 64x80
-    (folder / "exif6.jpg").write_bytes(_jpeg_bytes(rgb, exif=exif.tobytes()))
+    (folder / "exif6.jpg").write_bytes(jpeg_bytes(rgb, exif=exif.tobytes()))
     out["exif6.jpg"] = ("good", (80, 64))
     (folder / "corrupt.jpg").write_bytes(rng.integers(0, 256, 3000, dtype=np.uint8).tobytes())
     out["corrupt.jpg"] = ("bad", "not an image")
-    whole = _jpeg_bytes(_textured(rng, 96, 96))
+    whole = jpeg_bytes(_textured(rng, 96, 96))
     (folder / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
     out["truncated.jpg"] = ("bad", "truncated or corrupt image data")
     (folder / "empty.jpg").write_bytes(b"")
@@ -303,11 +280,6 @@ def write_image_zoo(folder: Path) -> dict[str, tuple]:
     Image.new("RGB", (1, 1), (9, 9, 9)).save(folder / "pixel.gif")
     out["pixel.gif"] = ("bad", "image too small (1x1")
     return out
-
-
-def _grid_sets(block=4, batch=2, workers=2):
-    return ["groups=[grid]", "features.weights=none", "features.input_size=64", "features.grid_size=2",
-            f"block_size={block}", f"runtime.batch_size={batch}", f"runtime.num_workers={workers}"]
 
 
 ZOO_ORDER = ["rgb.png", "grey.png", "corrupt.jpg", "rgba.png", "truncated.jpg", "cmyk.jpg", "empty.jpg",
@@ -337,7 +309,7 @@ def test_overwrite_with_several_ranks_is_refused_before_touching_the_store(tmp_p
 def test_bad_images_are_recorded_and_the_run_goes_on(zoo, tmp_path):
     root, kinds = zoo
     ds = load_dataset(root / "dataset_flickr8k.json", root / "images", check_images=False)
-    cfg = load_config(ExtractConfig, overrides=_grid_sets())
+    cfg = load_config(ExtractConfig, overrides=grid_sets())
     url = str(tmp_path / "zoo.zarr")
     summary = extract(ds, url, cfg, progress=False)
     bad = [n for n in ZOO_ORDER if kinds[n][0] == "bad"]
@@ -378,7 +350,7 @@ def test_strict_stops_at_first_bad_image_and_keeps_finished_blocks(zoo, tmp_path
 
     def cli(*flags, batch):
         return CliRunner().invoke(app, ["extract", "--dataset", str(dataset), "--image-root", str(root / "images"),
-                                        "--out", url, *flags, *_cli_sets(_grid_sets(2, batch, 0))])
+                                        "--out", url, *flags, *_cli_sets(grid_sets(2, batch, 0))])
 
     result = cli("--strict", batch=2)
     assert result.exit_code == 1, result.output

@@ -19,7 +19,7 @@ from vlcache.storage.provenance import base_attrs, sha256_file, software_version
 from vlcache.storage.schema import DONE, SCHEMA_VERSION, STR, Layout, array_specs
 from vlcache.storage.writer import StoreWriter, done_mask
 
-_spec = importlib.util.spec_from_file_location("write_worker", Path(__file__).parent / "helpers" / "write_worker.py")
+_spec = importlib.util.spec_from_file_location("write_worker", Path(__file__).parents[1] / "helpers" / "write_worker.py")
 ww = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ww)
 LAYOUT: Layout = ww.LAYOUT

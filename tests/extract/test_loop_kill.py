@@ -34,7 +34,7 @@ from vlcache.storage.writer import StoreWriter
 
 torch.set_num_threads(2)  # the workers use 2 threads too (VLCACHE_TEST_THREADS): same numerics
 
-WORKER = Path(__file__).parent / "helpers" / "extract_worker.py"
+WORKER = Path(__file__).parents[1] / "helpers" / "extract_worker.py"
 N, BLOCK = 10, 2  # 5 blocks
 SETS = ["detector.backend=annotations", "features.weights=none", "features.input_size=64", "features.grid_size=2",
         "features.max_regions=6", "features.fixed_regions=6", "features.min_regions=2", f"block_size={BLOCK}",

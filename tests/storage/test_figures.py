@@ -13,7 +13,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.text import Text
 from PIL import Image, features
 from synth_store import make_synth_store
-from test_extract import _grid_sets, _jpeg_bytes, write_karpathy
+from extract_helpers import grid_sets, jpeg_bytes, write_karpathy
 
 from vlcache.pipeline.config import load_config
 from vlcache.pipeline.datasets import load_dataset
@@ -36,7 +36,7 @@ def write_odd_images(folder) -> list[str]:
     halves[:, :40], halves[:, 40:] = RED, BLUE  # stored 80 wide: red left, blue right
     exif = Image.Exif()
     exif[0x0112] = 6  # shown rotated 90 degrees clockwise: 48 wide, 80 high, red on top
-    (folder / "exif6.jpg").write_bytes(_jpeg_bytes(halves, exif=exif.tobytes()))
+    (folder / "exif6.jpg").write_bytes(jpeg_bytes(halves, exif=exif.tobytes()))
     Image.fromarray(np.full((40, 56), 20000, np.uint16)).save(folder / "deep16.png")  # raw convert: white
     pal = np.zeros((40, 56), np.uint8)
     pal[10:30, 10:40] = 1
@@ -62,7 +62,7 @@ def odd_store(tmp_path_factory):
     write_karpathy(root, [(n, SPLITS[i % 3], [f"A dog in picture {i}."]) for i, n in enumerate(names)])
     ds = load_dataset(root / "dataset_flickr8k.json", root / "images")
     url = str(root / "odd.zarr")
-    summary = extract(ds, url, load_config(ExtractConfig, overrides=_grid_sets(workers=0)), progress=False)
+    summary = extract(ds, url, load_config(ExtractConfig, overrides=grid_sets(workers=0)), progress=False)
     assert summary.complete and not summary.bad_images
     return url, root, names
 

@@ -2,40 +2,19 @@
 
 The reference is the heart of detectron2's ``layers.mask_ops._do_paste_mask`` (``skip_empty=False``):
 ``F.grid_sample`` over the float box, written out here because CI has no detectron2. Where detectron2
-is importable, tests/test_detectron2.py compares against its own ``paste_masks_in_image`` as well.
+is importable, tests/extract/test_detector_detectron2.py compares against its own ``paste_masks_in_image`` as well.
 """
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from test_masks import H, W, brute_coverage, random_instances, torchvision_paste
+from mask_helpers import H, W, assert_same_paste, brute_coverage, grid_sample_paste, random_instances, torchvision_paste
 
 from vlcache.storage.masks import grid_coverage, paste_convention, paste_masks, resize_masks
 from vlcache.storage.store import open_store
 
 torch.set_num_threads(2)
 D2_ATTRS = {"models": {"detector": {"backend": "detectron2", "mask_paste": "detectron2"}}}
-
-
-def grid_sample_paste(boxes, masks_u8, hw):
-    """detectron2's ``_do_paste_mask(masks, boxes, h, w, skip_empty=False)``: probabilities (n, h, w)."""
-    masks = torch.from_numpy(np.asarray(masks_u8)).float()[:, None] / 255.0
-    x0, y0, x1, y1 = torch.split(torch.from_numpy(np.asarray(boxes, np.float32)), 1, dim=1)
-    img_y = torch.arange(0, hw[0], dtype=torch.float32) + 0.5
-    img_x = torch.arange(0, hw[1], dtype=torch.float32) + 0.5
-    img_y = (img_y - y0) / (y1 - y0) * 2 - 1
-    img_x = (img_x - x0) / (x1 - x0) * 2 - 1
-    n = masks.shape[0]
-    gx = img_x[:, None, :].expand(n, img_y.size(1), img_x.size(1))
-    gy = img_y[:, :, None].expand(n, img_y.size(1), img_x.size(1))
-    return F.grid_sample(masks, torch.stack([gx, gy], dim=3), align_corners=False)[:, 0].numpy()
-
-
-def assert_same_paste(mine, ref):
-    assert np.abs(mine - ref).max() < 1e-5
-    near = np.abs(ref - 0.5) < 1e-5  # float rounding may flip only pixels this close to the threshold
-    assert np.array_equal((mine >= 0.5)[~near], (ref >= 0.5)[~near])
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

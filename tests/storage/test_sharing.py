@@ -23,7 +23,7 @@ from vlcache.storage.store import open_store
 from vlcache.storage.verify import format_info, info, verify
 from vlcache.storage.writer import StoreWriter
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def attrs_of(url):

@@ -17,7 +17,7 @@ from vlcache.storage.errors import ConfigMismatchError, StoreNotFoundError
 from vlcache.storage.verify import verify
 from vlcache.storage.writer import StoreWriter
 
-WORKER = Path(__file__).parent / "helpers" / "write_worker.py"
+WORKER = Path(__file__).parents[1] / "helpers" / "write_worker.py"
 _spec = importlib.util.spec_from_file_location("write_worker", WORKER)
 ww = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ww)

@@ -27,7 +27,7 @@ from vlcache.storage.sharing import copy_store, diff_stores
 from vlcache.storage.store import Store
 from vlcache.storage.verify import format_info, info
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 KEY, SECRET = "AKIAVLCACHETESTKEY42", "vlcache/test+secret/Zq81xw"
 BUCKET = "team-stores"
 TAB10 = {0: (31, 119, 180), 1: (255, 127, 14), 2: (44, 160, 44), 3: (214, 39, 40), 4: (148, 103, 189)}

@@ -24,7 +24,7 @@ from vlcache.storage.sharing import copy_store, diff_stores
 from vlcache.storage.streaming import StoreBatchDataset, stream_loader
 
 FIELDS = ["regions/feats", "regions/boxes", "regions/count", "grid/feats", "instances/masks", "captions/tokens"]
-V1 = Path(__file__).parent / "fixtures" / "v1_tiny.zarr"
+V1 = Path(__file__).parents[1] / "fixtures" / "v1_tiny.zarr"
 
 
 def batches(url, direct, workers=0, epoch=1):

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_detectron2_paste import assert_same_paste
+from mask_helpers import assert_same_paste
 from typer.testing import CliRunner
 
 from vlcache.cli import app

@@ -7,7 +7,6 @@ instances written by the synthetic generator, pycocotools' COCOeval, a real stor
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -21,7 +21,7 @@ from vlcache.storage.masks import paste_masks
 from vlcache.storage.store import open_store
 
 torch.set_num_threads(2)
-NOTEBOOK = Path(__file__).resolve().parents[1] / "examples" / "inspect_store.ipynb"
+NOTEBOOK = Path(__file__).resolve().parents[2] / "examples" / "inspect_store.ipynb"
 TAB10 = {0: (31, 119, 180), 1: (255, 127, 14), 2: (44, 160, 44), 3: (214, 39, 40), 4: (148, 103, 189)}
 
 
