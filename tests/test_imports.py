@@ -49,3 +49,21 @@ def test_a_forbidden_import_breaks_its_contract(tmp_path, module, line, broken):
     r = lint(parent)
     assert r.returncode != 0 and "0 broken" not in r.stdout, r.stdout
     assert broken in r.stdout.split("Broken contracts")[1], r.stdout
+
+
+SHARED_TEST_DIRS = {"helpers", "fixtures", "__pycache__"}  # subprocess workers, checked-in stores and runs
+
+
+def test_test_folders_mirror_the_packages_and_test_files_never_import_each_other():
+    """tests/<name>/ holds the tests of the package <name> (storage/, pipeline/ or stages/<name>/), and a test
+    file takes shared code from a helper module at the top of tests/, never from another test file."""
+    tests = ROOT / "tests"
+    for folder in (p for p in tests.iterdir() if p.is_dir() and p.name not in SHARED_TEST_DIRS):
+        package = ROOT / folder.name if (ROOT / folder.name / "__init__.py").exists() else ROOT / "stages" / folder.name
+        assert (package / "__init__.py").exists(), f"tests/{folder.name}/ mirrors no package"
+        assert list(folder.glob("test_*.py")), f"tests/{folder.name}/ holds no tests"
+    importing = [str(f.relative_to(tests)) for f in tests.rglob("test_*.py")
+                 if any(line.startswith(("from test_", "import test_")) for line in f.read_text().splitlines())]
+    assert not importing, f"test files importing another test file: {importing}"
+    stage_packages = {p.name for p in (ROOT / "stages").iterdir() if (p / "__init__.py").exists()}
+    assert stage_packages <= {p.name for p in tests.iterdir()}, "a stage package has no tests/<name>/ folder"
