@@ -108,7 +108,8 @@ def run_config(kind: str, path: str, workers: int, batch: int, seconds: float, c
     worker_mb = watcher.stop()
     del it, loader
     return {"samples_per_s": max(rates), "rounds": [round(r) for r in rates], "samples": n_total,
-            "rss_main_mb": rss_mb(resource.RUSAGE_SELF), "rss_worker_mb": worker_mb}
+            "rss_main_mb": rss_mb(resource.RUSAGE_SELF), "rss_worker_mb": worker_mb,
+            "private_main_mb": watcher.main_private, "private_worker_mb": watcher.private}
 
 
 def rss_mb(who=resource.RUSAGE_SELF) -> float:
@@ -121,8 +122,18 @@ def rss_mb(who=resource.RUSAGE_SELF) -> float:
         return resource.getrusage(who).ru_maxrss / 1024.0  # Linux reports KiB
 
 
+def private_mb(pid: int | str = "self") -> float:
+    """A process's own memory in MiB: ``RssAnon + RssShmem`` (heap, batch buffers, shared-memory batches),
+    without ``RssFile`` -- the page-cache pages of files it has mapped (the store's chunks, LMDB, ``.npy``),
+    which are shared with every reader and dropped by the kernel under memory pressure."""
+    with open(f"/proc/{pid}/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return sum(int(fields[k].split()[0]) for k in ("RssAnon", "RssShmem")) / 1024.0
+
+
 class WorkerRSS:
-    """Peak RSS of the largest DataLoader worker, sampled every 20 ms with psutil (when installed).
+    """Peaks sampled every 20 ms: the largest DataLoader worker's RSS and private memory (psutil, when
+    installed), and the main process's private memory (:func:`private_mb`; its RSS peak is ``VmHWM``).
 
     RUSAGE_CHILDREN is no use here: any fork+exec (torch runs some at import) reports the parent's
     size as a child's peak.
@@ -131,19 +142,26 @@ class WorkerRSS:
     def __init__(self):
         import threading
 
-        self.peak, self._stop = float("nan"), threading.Event()
+        self.peak = self.private = float("nan")
+        self.main_private, self._stop = private_mb(), threading.Event()
         try:
             import psutil
         except ImportError:
-            return
-        self.peak, me = 0.0, psutil.Process()
+            psutil = None
+        if psutil is not None:
+            self.peak = self.private = 0.0
+            me = psutil.Process()
 
         def watch():
             while not self._stop.wait(0.02):
+                self.main_private = max(self.main_private, private_mb())
+                if psutil is None:
+                    continue
                 for child in me.children(recursive=True):
                     try:
                         self.peak = max(self.peak, child.memory_info().rss / 2**20)
-                    except psutil.Error:
+                        self.private = max(self.private, private_mb(child.pid))
+                    except (psutil.Error, OSError):
                         pass
 
         self._thread = threading.Thread(target=watch, daemon=True)
@@ -151,8 +169,8 @@ class WorkerRSS:
 
     def stop(self) -> float:
         self._stop.set()
-        if hasattr(self, "_thread"):
-            self._thread.join()
+        self._thread.join()
+        self.main_private = max(self.main_private, private_mb())
         return self.peak
 
 
@@ -306,7 +324,8 @@ def main(argv=None) -> int:
                         results.append(r)
                         print(f"{layout:<9}{n:>7} rows {w} workers {'cold' if cold else 'warm'}: "
                               f"{r['samples_per_s'] or 0:>8.0f} samples/s  rounds {r.get('rounds')}  peak RSS main "
-                              f"{r.get('rss_main_mb', 0):.0f} MiB, worker {r.get('rss_worker_mb', 0):.0f} MiB  "
+                              f"{r.get('rss_main_mb', 0):.0f} MiB (private {r.get('private_main_mb', 0):.0f}), "
+                              f"worker {r.get('rss_worker_mb', 0):.0f} MiB (private {r.get('private_worker_mb', 0):.0f})  "
                               f"[{size / 2**20:.0f} MiB on disk, load {r['load']:.1f}]", flush=True)
                 if kind not in ("npy-mmap", "ram") and not args.keep:
                     shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -368,10 +387,12 @@ def report(results: list[dict], args, remote) -> dict:
         for w in args.workers:
             a, b = mem.get((lo, w)), mem.get((hi, w))
             if a and b:
-                where = "rss_worker_mb" if w else "rss_main_mb"
-                summary[f"rss_growth_{w}w"] = b[where] / a[where]
-                print(f"store peak RSS ({'largest worker' if w else 'main'}, {w} workers): {a[where]:.0f} MiB at {lo} rows, "
-                      f"{b[where]:.0f} MiB at {hi} rows ({b[where] / a[where]:.2f}x)")
+                who = "largest worker" if w else "main"
+                for what, where in (("RSS", "rss_worker_mb" if w else "rss_main_mb"),
+                                    ("private memory", "private_worker_mb" if w else "private_main_mb")):
+                    summary[f"{where}_growth_{w}w"] = b[where] / a[where]
+                    print(f"store peak {what} ({who}, {w} workers): {a[where]:.0f} MiB at {lo} rows, "
+                          f"{b[where]:.0f} MiB at {hi} rows ({b[where] / a[where]:.2f}x)")
     if remote:
         for w in (0, 2):
             r = remote[w]

@@ -27,6 +27,8 @@ from .zarr_backend import chunk_key
 
 __all__ = ["BatchBuffers", "BlockReader", "empty_tensor"]
 
+SMALL_BLOCK_CACHE = 32 << 20  # bytes of small decoded blocks kept per array (see BlockReader._cache_limit)
+
 
 class BlockReader:
     """Per-process lazy backend plus an LRU of decoded blocks; pickles without handle or cache."""
@@ -58,12 +60,12 @@ class BlockReader:
         self._ahead, self._ahead_pid = None, None  # the readahead thread, in the process that started it
 
     def _reset(self):
-        self._backend, self._files, self._pid, self._cache, self._pool = None, None, None, OrderedDict(), None
+        self._backend, self._files, self._pid, self._cache, self._pool = None, None, None, {}, None
         self._done_blocks: set[int] = set()  # blocks whose rows are all done (checked in this process)
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state.update(_backend=None, _files=None, _pid=None, _cache=OrderedDict(), _pool=None, _done_blocks=set(),
+        state.update(_backend=None, _files=None, _pid=None, _cache={}, _pool=None, _done_blocks=set(),
                      _ahead=None, _ahead_pid=None)
         return state
 
@@ -104,34 +106,56 @@ class BlockReader:
         data = self._files.read_block(path, b) if self._files is not None else None
         return self._backend.read_block(path, b) if data is None else data
 
+    def _worth_threads(self, path: str) -> bool:
+        """Whether reading ``path``'s blocks on threads pays: only where there is real decoding to overlap.
+        A mapped chunk is one mmap call, and mapping calls serialise on the process's memory map; a small
+        chunk (boxes, counts, flags) decodes in less time than a thread handoff takes (in a profile of
+        bench/stream.py, threads made both slower)."""
+        if self._files is not None and self._files.maps(path):
+            return False
+        spec = self.specs.get(path)
+        return spec is not None and spec.dtype != STR and \
+            np.dtype(spec.dtype).itemsize * int(np.prod(spec.row_shape)) * self.block_size >= 1 << 20
+
     def block(self, path: str, b: int) -> np.ndarray:
         return self.blocks(path, [b])[b]
 
     def blocks(self, path: str, wanted: list[int]) -> dict[int, np.ndarray]:
-        """Decoded blocks of ``path``; the missing ones are read concurrently (Zarr's codecs release the
-        GIL, so a new window's blocks decode on several cores; HDF5 reads serialise in h5py anyway)."""
+        """Decoded blocks of ``path``; the missing ones are read concurrently where that pays (Zarr's codecs
+        release the GIL, so a new window's large compressed blocks decode on several cores)."""
+        cache = self._cache.setdefault(path, OrderedDict())
         out, missing = {}, []
         for b in wanted:
-            hit = self._cache.get((path, b))
+            hit = cache.get(b)
             if hit is None:
                 missing.append(b)
             else:
-                self._cache.move_to_end((path, b))
+                cache.move_to_end(b)
                 out[b] = hit
         backend = self.backend()
-        if len(missing) > 1 and self.threads > 1 and backend.kind == "zarr":
+        if len(missing) > 1 and self.threads > 1 and backend.kind == "zarr" and self._worth_threads(path):
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="vlcache-read")
             loaded = list(self._pool.map(lambda b: self._load(path, b), missing))
         else:
             loaded = [self._load(path, b) for b in missing]
-        limit = self.cache_blocks * (len(self.fields) + 1)
+        limit = self._cache_limit(path)
         for b, data in zip(missing, loaded):
             data.flags.writeable = False  # handed out as views: a caller's write must not poison the cache
-            self._cache[(path, b)] = out[b] = data
-            while len(self._cache) > limit:
-                self._cache.popitem(last=False)
+            cache[b] = out[b] = data
+            while len(cache) > limit:
+                cache.popitem(last=False)
         return out
+
+    def _cache_limit(self, path: str) -> int:
+        """Blocks of ``path`` kept: a window's worth (``cache_blocks``), or for small arrays that are decoded
+        on every read (boxes, counts, flags: HDF5 reads them through h5py, a quarter of a read's time in a
+        profile) as many as fit in ``SMALL_BLOCK_CACHE`` bytes -- bounded, whatever the dataset's size."""
+        spec = self.specs.get(path)
+        if spec is None or spec.dtype == STR or (self._files is not None and self._files.maps(path)):
+            return self.cache_blocks
+        nbytes = np.dtype(spec.dtype).itemsize * int(np.prod(spec.row_shape)) * self.block_size
+        return max(self.cache_blocks, SMALL_BLOCK_CACHE // max(1, nbytes))
 
     def check_done(self, rows: np.ndarray, blocks: np.ndarray, cuts: np.ndarray) -> None:
         """Every row is extracted (``rows`` grouped by block: ``blocks[cuts[i]:cuts[i+1]]`` is one block)."""

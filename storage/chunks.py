@@ -4,9 +4,9 @@ A block of one array is one chunk file, ``<store>/<array>/c/<block>/0/...``. For
 writes (``bytes`` little-endian, then nothing / ``zstd`` / ``blosc``, then ``crc32c``) this module reads it
 the way a memory-mapped ``.npy`` is read:
 
-* uncompressed chunks (schema v2 float16 features) are **memory-mapped** (``MAP_POPULATE``: the pages are
-  mapped in one system call, and read ahead in one piece on a cold cache) and handed out as a read-only
-  array over the mapping: no decode, no copy until rows are gathered into a batch;
+* uncompressed chunks (schema v2 float16 features) are **memory-mapped** once per process (the mapping is
+  kept, :mod:`.mapped`) and handed out as a read-only array over the mapping: no decode, no copy until
+  rows are gathered into a batch;
 * compressed chunks (masks, boxes, strings' neighbours, v1 features) are read whole and decompressed
   with numcodecs, Zarr's own codec library.
 
@@ -23,7 +23,6 @@ under a reader, and the new file is checked again (new inode).
 
 from __future__ import annotations
 
-import mmap
 import os
 import sys
 import threading
@@ -35,28 +34,14 @@ from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ZstdCodec
 
 from .base import chunk_index, is_local, local_path, redact_url
 from .errors import CorruptChunkError
+from .mapped import MAPS, file_identity, map_range
 from .schema import STR
 
-_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux; elsewhere pages are faulted in on first touch
 _DECOMPRESSORS = {ZstdCodec: Zstd, BloscCodec: Blosc}
 
 # Files this process has checked: path -> (inode, size, mtime_ns). Shared by every reader in the process.
 _checked: dict[str, tuple[int, int, int]] = {}
 _checked_lock = threading.Lock()
-
-
-def file_identity(st: os.stat_result) -> tuple[int, int, int]:
-    """(inode, size, modification time): changes when a file is replaced or rewritten."""
-    return st.st_ino, st.st_size, st.st_mtime_ns
-
-
-def map_range(fd: int, offset: int, nbytes: int, dtype: np.dtype) -> np.ndarray:
-    """``nbytes`` at ``offset`` of the open file ``fd`` as a read-only array of ``dtype``, memory-mapped
-    (``MAP_POPULATE``); the mapping lives as long as the array (or a view of it)."""
-    base = offset - offset % mmap.ALLOCATIONGRANULARITY  # mmap offsets must be page-aligned
-    buf = mmap.mmap(fd, offset - base + nbytes, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ,
-                    offset=base)
-    return np.frombuffer(buf, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset - base)
 
 
 def readahead_ranges(file: str, ranges) -> None:
@@ -147,40 +132,56 @@ class ChunkFiles:
                 plans[p] = plan
         return cls(backend, plans, verify) if plans else None
 
+    def maps(self, path: str) -> bool:
+        """Whether the chunks of ``path`` are memory-mapped (uncompressed), not decoded."""
+        plan = self.plans.get(path)
+        return plan is not None and plan.decompressor is None
+
     def read_block(self, path: str, block: int) -> np.ndarray | None:
         """Rows of ``block`` of ``path`` (read-only), or None when this module does not read them."""
         plan = self.plans.get(path)
         if plan is None:
             return None
         file = os.path.join(self.root, self.backend.chunk_key(path, block))
-        try:
-            fd = os.open(file, os.O_RDONLY)
-        except FileNotFoundError:
+        data = self._mapped(plan, path, block, file) if plan.decompressor is None else self._decoded(plan, path, block, file)
+        if data is None:
             return None  # never written: Zarr gives the fill value
-        try:
-            st = os.fstat(fd)
-            if plan.decompressor is None:
-                data = self._mapped(plan, path, block, fd, st, file)
-            else:
-                data = self._decoded(plan, path, block, fd, st)
-        finally:
-            os.close(fd)
         rows = self.backend.layout.block_rows(block)
         return data.reshape(plan.chunk_shape)[: len(rows)]
 
-    def _mapped(self, plan, path, block, fd, st, file) -> np.ndarray:
-        if st.st_size != plan.nbytes + 4:
-            raise self._damaged(path, block, f"has {st.st_size} bytes, expected {plan.nbytes + 4}")
-        raw = map_range(fd, 0, st.st_size, np.dtype(np.uint8))
+    def _mapped(self, plan, path, block, file) -> np.ndarray | None:
+        if self.verify == "once":  # a kept mapping of this very file version was checked when it was made
+            try:
+                kept = MAPS.get(file, 0, file_identity(os.stat(file)))
+            except FileNotFoundError:
+                return None
+            if kept is not None:
+                return kept[:-4].view(plan.dtype)
+        try:
+            fd = os.open(file, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            st = os.fstat(fd)
+            if st.st_size != plan.nbytes + 4:
+                raise self._damaged(path, block, f"has {st.st_size} bytes, expected {plan.nbytes + 4}")
+            raw = map_range(fd, 0, st.st_size, np.dtype(np.uint8))
+        finally:
+            os.close(fd)  # the mapping stays valid
         identity = file_identity(st)
         if self.verify == "always" or _checked.get(file) != identity:
             self._check(raw[:-4], bytes(raw[-4:]), path, block)
             with _checked_lock:
                 _checked[file] = identity
+        MAPS.keep(file, 0, identity, raw)
         return raw[:-4].view(plan.dtype)
 
-    def _decoded(self, plan, path, block, fd, st) -> np.ndarray:
-        raw = os.read(fd, st.st_size) if st.st_size else b""
+    def _decoded(self, plan, path, block, file) -> np.ndarray | None:
+        try:
+            with open(file, "rb", buffering=0) as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return None
         if len(raw) < 4:
             raise self._damaged(path, block, f"has {len(raw)} bytes, too short to hold its checksum")
         view = memoryview(raw)

@@ -5,8 +5,8 @@ over it, then a copy into the output array (most of an HDF5 store's read time in
 ``bench/stream.py``). For chunks whose only filter is ``fletcher32`` (the float16 features since schema
 v2) this module reads each block the *first* time in a process through h5py -- so HDF5 itself checks its
 checksum -- and from then on memory-maps the chunk's bytes inside the file (offset and size from HDF5's
-chunk index, :class:`H5ChunkIndex`): later reads in that process are a mapping, with neither a checksum
-pass nor a copy, like the Zarr fast path (:mod:`.chunks`). Compressed chunks (boxes, masks, flags) always
+chunk index, :class:`H5ChunkIndex`; the mapping is kept for the process, :mod:`.mapped`): later reads in
+that process are a mapping, with neither a checksum pass nor a copy, like the Zarr fast path (:mod:`.chunks`). Compressed chunks (boxes, masks, flags) always
 go through h5py.
 
 A chunk counts as checked by (inode, size, modification time, offset) of the file: vlcache writes an HDF5
@@ -24,7 +24,8 @@ import h5py
 import numpy as np
 
 from .base import is_local, local_path
-from .chunks import file_identity, map_range, readahead_ranges
+from .chunks import readahead_ranges
+from .mapped import MAPS, file_identity, map_range
 from .schema import STR
 
 # Chunks this process has read through h5py: (inode, size, mtime_ns, byte offset).
@@ -116,6 +117,10 @@ class H5ChunkFiles:
         except OSError:
             pass
 
+    def maps(self, path: str) -> bool:
+        """Whether the chunks of ``path`` are memory-mapped (after their first, checked read)."""
+        return path in self.plans
+
     def read_block(self, path: str, block: int) -> np.ndarray | None:
         """Rows of ``block`` of ``path`` (read-only), or None when this module does not read them."""
         chunks = self.plans.get(path)
@@ -131,4 +136,8 @@ class H5ChunkFiles:
                 _checked.add(key)
             return data
         rows = self.backend.layout.block_rows(block)
-        return map_range(self.fd, offset, chunks.nbytes, chunks.dtype).reshape(chunks.chunk_shape)[: len(rows)]
+        data = MAPS.get(self.index.file, offset, self.index.identity)  # mapped once per process (.mapped)
+        if data is None:
+            data = map_range(self.fd, offset, chunks.nbytes, chunks.dtype)
+            MAPS.keep(self.index.file, offset, self.index.identity, data)
+        return data.reshape(chunks.chunk_shape)[: len(rows)]

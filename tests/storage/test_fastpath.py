@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from vlcache.storage.errors import CorruptChunkError
+from vlcache.storage.mapped import MAPS
 from conftest import TINY_CAPS
 from vlcache.storage.sharing import copy_store, diff_stores
 from vlcache.storage.streaming import StoreBatchDataset, stream_loader
@@ -215,3 +216,56 @@ def test_gather_copies_rows_once(tiny_store_factory):
         tracemalloc.stop()
     np.testing.assert_array_equal(out["regions/feats"].numpy(), ts.truth["regions/feats"][rows])
     assert peak < out["regions/feats"].numpy().nbytes / 2, peak
+
+
+def kept_mapping(file: Path):
+    hit = MAPS._maps.get((str(file), 0))
+    return None if hit is None else hit[1]
+
+
+def test_a_chunk_is_mapped_once_per_process_and_a_replaced_file_afresh(tiny_store_factory):
+    """Kept mappings (storage/mapped.py): a later epoch reuses the very mapping of the first; a chunk file
+    replaced since is mapped again and its new bytes are read, never the old mapping's."""
+    ts = tiny_store_factory("kept.zarr", n=24, block_size=8)
+    feats = Path(ts.url) / "regions/feats/c"
+    first = batches(ts.url, direct=True, epoch=1)
+    maps = [kept_mapping(feats / f"{b}/0/0") for b in range(3)]
+    assert all(m is not None for m in maps)
+    again = batches(ts.url, direct=True, epoch=1)
+    assert_same(first, again)
+    assert all(kept_mapping(feats / f"{b}/0/0") is m for b, m in enumerate(maps))  # not mapped again
+    # block 0's file replaced by a valid copy of block 2's (a rewrite): its rows now hold block 2's values
+    staged = feats / "0/0/staged"
+    shutil.copyfile(feats / "2/0/0", staged)
+    os.replace(staged, feats / "0/0/0")
+    reader = StoreBatchDataset(ts.url, ["regions/feats"], cache_blocks=1).reader
+    np.testing.assert_array_equal(reader.block("regions/feats", 0), ts.truth["regions/feats"][16:24])
+    assert kept_mapping(feats / "0/0/0") is not maps[0]
+
+
+def test_the_mapping_budget_bounds_what_a_process_keeps_mapped(tiny_store_factory):
+    ts = tiny_store_factory("budget.zarr", n=40, block_size=8)
+    chunk_bytes = (Path(ts.url) / "regions/feats/c/0/0/0").stat().st_size
+    old = MAPS.budget
+    MAPS.set_budget(2 * chunk_bytes)
+    try:
+        fast = batches(ts.url, direct=True)
+        assert MAPS.mapped_bytes <= 2 * chunk_bytes
+        assert sum(kept_mapping(Path(ts.url) / f"regions/feats/c/{b}/0/0") is not None for b in range(5)) <= 2
+        assert_same(fast, batches(ts.url, direct=False))
+        MAPS.set_budget(0)  # nothing kept: every read maps afresh
+        assert MAPS.mapped_bytes == 0 and len(MAPS) == 0
+        assert_same(fast, batches(ts.url, direct=True))
+        assert len(MAPS) == 0
+    finally:
+        MAPS.set_budget(old)
+
+
+def test_small_decoded_blocks_are_kept_beyond_the_window(tiny_store_factory):
+    """Boxes, counts and flags decode on every read: a reader keeps up to SMALL_BLOCK_CACHE bytes of them,
+    large mapped arrays only a window's worth (cache_blocks)."""
+    ts = tiny_store_factory("small.zarr", n=40, block_size=4)
+    reader = StoreBatchDataset(ts.url, ["regions/feats", "regions/boxes"], cache_blocks=2).reader
+    reader.gather(np.arange(40))
+    assert len(reader._cache["regions/feats"]) == 2
+    assert len(reader._cache["regions/boxes"]) == 10
