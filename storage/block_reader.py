@@ -3,13 +3,14 @@
 :class:`BlockReader` opens the store lazily in the process that reads (the process id is checked, so no
 file handle crosses a DataLoader fork), keeps a small LRU of read blocks (``cache_blocks`` per array, so a
 window's blocks are read once), and gathers a batch's rows block by block, one ``np.take`` per block and
-array straight into the batch tensor. Local stores' chunks are read by :mod:`.chunks` (memory-mapped,
-checksums checked once per process); everything else through the backend.
+array straight into the batch tensor. Local stores' chunks are read by :mod:`.chunks` (memory-mapped once
+per process, :mod:`.mapped`; checksums checked once per process); everything else through the backend.
+Batch tensors are reused: in the process that trains, :class:`BatchBuffers`; in DataLoader workers,
+shared-memory slots the main process hands back (:mod:`.shared_batches`).
 """
 
 from __future__ import annotations
 
-import functools
 import os
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,6 +24,7 @@ from .chunks import ChunkFiles, readahead
 from .errors import StoreError
 from .h5chunks import H5ChunkFiles, H5ChunkIndex
 from .schema import DONE, STR
+from .shared_batches import SLOT_KEY, SharedBatchSlots, empty_tensor, torch_dtype
 from .zarr_backend import chunk_key
 
 __all__ = ["BatchBuffers", "BlockReader", "empty_tensor"]
@@ -44,6 +46,7 @@ class BlockReader:
         self.threads = max(1, int(threads))
         self.direct = bool(direct)
         self.buffers = BatchBuffers(pin=pin_memory)
+        self.slots: SharedBatchSlots | None = None  # set by stream_loader for its DataLoader workers
         backend = open_backend(self.url, "r", storage_options=storage_options)  # validate now, in the parent
         try:
             missing = [f for f in self.fields if not backend.has(f)]
@@ -186,16 +189,32 @@ class BlockReader:
         blocks = rows // self.block_size
         cuts = np.flatnonzero(np.r_[True, blocks[1:] != blocks[:-1], True]) if rows.size else np.zeros(1, int)
         self.check_done(rows, blocks, cuts)
-        shared = get_worker_info() is not None
+        worker = get_worker_info()
+        # in a worker: shared memory (sent to the main process without a copy), in a reused slot when one is
+        # free (storage/shared_batches.py); in the main process: a reused buffer
+        slot = self.slots.acquire(worker.id) if worker is not None and self.slots is not None else None
+        try:
+            out = self._fill(rows, blocks, cuts, worker is not None, slot)
+        except BaseException:
+            if slot is not None:
+                self.slots.release(slot)
+            raise
+        if slot is not None:
+            out[SLOT_KEY] = slot
+        return rows, out
+
+    def _fill(self, rows, blocks, cuts, shared: bool, slot: int | None) -> dict:
         out = {}
         for f, spec in self.specs.items():
             shape = (rows.size, *spec.row_shape)
             if spec.dtype == STR:
                 tensor, arr = None, np.empty(shape, dtype=object)
             else:
-                # in a worker: shared memory (sent to the main process without a copy); else a reused buffer
-                tensor = (empty_tensor(shape, np.dtype(spec.dtype), True) if shared
-                          else self.buffers.get(f, shape, np.dtype(spec.dtype)))
+                dtype = np.dtype(spec.dtype)
+                if slot is not None:
+                    tensor = self.slots.tensor(slot, f, shape, dtype)
+                else:
+                    tensor = empty_tensor(shape, dtype, True) if shared else self.buffers.get(f, shape, dtype)
                 arr = tensor.numpy()
             data = self.blocks(f, blocks[cuts[:-1]].tolist())
             for s0, s1 in zip(cuts[:-1].tolist(), cuts[1:].tolist()):
@@ -207,7 +226,7 @@ class BlockReader:
                     src, dst = _as_bytes(src), _as_bytes(dst)  # whole first; row bytes copy the same
                 np.take(src, rows[s0:s1] - b * self.block_size, axis=0, out=dst, mode="clip")
             out[f] = arr if tensor is None else tensor
-        return rows, out
+        return out
 
 
 class BatchBuffers:
@@ -250,16 +269,3 @@ def _as_bytes(a: np.ndarray) -> np.ndarray:
 def _storage_refs(t: torch.Tensor) -> int:
     """How many holders the storage of ``t`` has (tensors, views, numpy arrays over it)."""
     return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
-
-
-@functools.lru_cache(maxsize=None)
-def torch_dtype(dtype: np.dtype) -> torch.dtype:
-    return torch.from_numpy(np.empty(0, dtype)).dtype
-
-
-def empty_tensor(shape: tuple, dtype: np.dtype, shared: bool) -> torch.Tensor:
-    tdtype = torch_dtype(dtype)
-    if not shared:
-        return torch.empty(shape, dtype=tdtype)
-    storage = torch.UntypedStorage._new_shared(int(np.prod(shape)) * dtype.itemsize)
-    return torch.empty(0, dtype=tdtype).set_(storage, 0, shape)

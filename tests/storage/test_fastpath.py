@@ -269,3 +269,33 @@ def test_small_decoded_blocks_are_kept_beyond_the_window(tiny_store_factory):
     reader.gather(np.arange(40))
     assert len(reader._cache["regions/feats"]) == 2
     assert len(reader._cache["regions/boxes"]) == 10
+
+
+def shm_inode(t: torch.Tensor) -> int:
+    fd, _ = t.untyped_storage()._share_fd_cpu_()  # a received batch keeps the fd of its shared memory
+    return os.fstat(fd).st_ino
+
+
+def test_workers_reuse_released_batch_memory_and_never_a_held_batch(tiny_store_factory):
+    """DataLoader workers write batches into shared-memory slots (storage/shared_batches.py) and reuse a
+    slot once this process holds nothing of its last batch: dropped batches' memory comes back, and a
+    batch (or a view of one) kept by the caller is never written over."""
+    ts = tiny_store_factory("slots.zarr", n=48, block_size=4)
+    truth = ts.truth["regions/feats"]
+    loader, sampler = stream_loader(ts.url, ["regions/feats", "regions/count"], 3, seed=2, num_workers=2, lanes=2)
+    kept, inodes, seen = [], [], 0
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        for i, b in enumerate(loader):
+            assert "_vlcache_slot" not in b
+            np.testing.assert_array_equal(b["regions/feats"].numpy(), truth[b["row"].numpy()])
+            inodes.append(shm_inode(b["regions/feats"]))
+            seen += 1
+            if epoch == 0 and i in (0, 3):  # held: a view of the features, with the rows they should hold
+                kept.append((b["regions/feats"][1:], truth[b["row"].numpy()][1:]))
+    # slots really reused: no more memory than the slots, plus a fresh batch or two while all are out
+    assert len(set(inodes)) <= 2 * loader.slots.per_worker + len(kept) + 2 < seen, (len(set(inodes)), seen)
+    for view, expected in kept:  # nothing held was overwritten by a later batch
+        np.testing.assert_array_equal(view.numpy(), expected)
+    out = loader.slots.flags.numpy()
+    assert out.sum() <= len(kept) + 2 * loader.slots.per_worker  # held slots stay out; the rest come back
