@@ -20,14 +20,15 @@ from typing import List, Optional
 import typer
 from typer.exceptions import TyperException
 
+from .pipeline.signals import Terminated
 from .stages.extract.config import ExtractConfig
 
 app = typer.Typer(
     help="vlcache: extract Mask R-CNN masks, region and grid features once into a checksummed store, "
     "then train captioning and image-text matching models by streaming it.\n\nExit codes: 0 done, 1 an error "
     "(one line naming the input and the fix; --debug adds the traceback), 2 a usage error, 3 extraction finished "
-    "but some images failed (listed; --retry-errors redoes them), 130 interrupted by Ctrl-C (the message gives the "
-    "command that resumes).",
+    "but some images failed (listed; --retry-errors redoes them), 130 interrupted by Ctrl-C, 143 stopped by SIGTERM "
+    "(extraction stops as on Ctrl-C; the message gives the command that resumes).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -47,7 +48,7 @@ app.add_typer(experiment_app, name="experiment")
 CONFIG_HELP = "YAML config file (precedence: defaults < file < options < --set)."
 SET_HELP = "Override any config key: key=value (parsed as YAML)."
 ALLOW_PARTIAL_HELP = "Train on the rows done of a store whose extraction is unfinished (the run records it)."
-EXIT_ERROR, EXIT_USAGE, EXIT_BAD_IMAGES, EXIT_INTERRUPTED = 1, 2, 3, 130
+EXIT_ERROR, EXIT_USAGE, EXIT_BAD_IMAGES, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 3, 130, 143
 _state = {"debug": bool(os.environ.get("VLCACHE_DEBUG"))}
 
 
@@ -86,10 +87,10 @@ def _guarded(fn):
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort, TyperException):  # usage errors: typer's own message, exit 2
             raise
-        except KeyboardInterrupt as e:
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM where a command turns it into Terminated
             where = str(e) if str(e) else "interrupted"
             typer.secho(f"\n{where}; {_resume_hint()}", fg=typer.colors.YELLOW, err=True)
-            raise typer.Exit(EXIT_INTERRUPTED) from None
+            raise typer.Exit(EXIT_TERMINATED if isinstance(e, Terminated) else EXIT_INTERRUPTED) from None
         except Exception as e:
             if not _expected(e):
                 raise

@@ -16,8 +16,9 @@ sampled with psutil):
 
 * warm -- the layout's files are read once just before (page cache warm);
 * cold -- the page cache is dropped (``sync; echo 1 > /proc/sys/vm/drop_caches``, needs root) after the
-  loader is built and before the first batch; one round from the first batch. Where dropping is not
-  permitted the cold column says so and is not measured.
+  loader is built and before the first batch; one round from the first batch to the end of the first
+  epoch (or ``--seconds``, whichever comes first), so no row is read from a warm cache. Where dropping is
+  not permitted the cold column says so and is not measured.
 
 ``--remote-rows`` also streams a store of that many rows from S3 (moto on loopback, run as its own
 process): samples/s and HTTP requests per epoch, counted in the server's access log.
@@ -99,7 +100,7 @@ def run_config(kind: str, path: str, workers: int, batch: int, seconds: float, c
                 if sampler is not None:
                     sampler.set_epoch(epoch)
                 it = iter(loader)
-                if epochs and epoch >= epochs:
+                if (epochs and epoch >= epochs) or cold:  # cold: the first epoch only, every read a cold one
                     break
                 continue
             break

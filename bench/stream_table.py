@@ -65,13 +65,18 @@ def tables(runs: list[dict]) -> str:
                     parts.append("—")
             cells.append(" / ".join(parts))
         out.append(f"| {label} | " + " | ".join(cells) + " |")
-    rss = []
-    for n in sizes:
-        a, b = rates.get(("store", n, 0, False)), rates.get(("store", n, 2, False))
-        if a and b:
-            rss.append(f"{a['rss_main_mb']:.0f} / {b['rss_worker_mb']:.0f} MiB")
-    if rss:
-        out.append("| store peak RSS (main, 0 workers / largest worker, 2 workers) | " + " | ".join(rss) + " |")
+    for layout in ("store", "lmdb", "npy-mmap"):
+        for what, main_key, worker_key in (("RSS", "rss_main_mb", "rss_worker_mb"),
+                                           ("private memory", "private_main_mb", "private_worker_mb")):
+            cells = []
+            for n in sizes:
+                a, b = rates.get((layout, n, 0, False)), rates.get((layout, n, 2, False))
+                if a and b and main_key in a and worker_key in b:
+                    cells.append(f"{a[main_key]:.0f} / {b[worker_key]:.0f} MiB")
+            if len(cells) == len(sizes):
+                name = "store" if layout == "store" else WHO[layout].split(" (")[0]
+                out.append(f"| {name} peak {what} (main, 0 workers / largest worker, 2 workers) | "
+                           + " | ".join(cells) + " |")
     return "\n".join(out)
 
 

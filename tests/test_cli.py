@@ -296,7 +296,9 @@ def _as_a_terminal_job():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def test_ctrl_c_stops_promptly_says_where_and_how_to_resume(tmp_path):
+@pytest.mark.parametrize("signame, exit_code, said_as", [("SIGINT", 130, "interrupted: "),  # a terminal's Ctrl-C
+                                                    ("SIGTERM", 143, "terminated (SIGTERM): ")])  # a scheduler's stop
+def test_ctrl_c_stops_promptly_says_where_and_how_to_resume(tmp_path, signame, exit_code, said_as):
     import shlex
     import signal
     import time
@@ -321,25 +323,25 @@ def test_ctrl_c_stops_promptly_says_where_and_how_to_resume(tmp_path):
     while time.monotonic() < deadline and proc.poll() is None and not blocks_file.exists():
         time.sleep(0.05)
     assert proc.poll() is None and blocks_file.exists(), proc.communicate()
-    os.killpg(proc.pid, signal.SIGINT)
+    os.killpg(proc.pid, getattr(signal, signame))
     t = time.monotonic()
     said = []  # when the "interrupted: ..." line came: the process exits later, after torch's own teardown (~2 s here)
     lines = []
     for line in proc.stderr:  # text mode reads tqdm's \r as line ends too
         lines.append(line)
-        if line.startswith("interrupted: ") and not said:
+        if line.startswith(said_as) and not said:
             said.append(time.monotonic() - t)
     proc.wait(timeout=120)
     err = "".join(lines)
-    assert proc.returncode == 130, err
+    assert proc.returncode == exit_code, err
     # the message comes once the blocks already queued are written (<= 3 here, 0.5 s each with the probe). Before the
     # decode worker ignored SIGINT it came 5 s late: the worker stopped with a decoded batch (4 x 77 kB, more than a
     # pipe holds) unsent, hung on exit, and the DataLoader waited 5 s before killing it
     assert said and said[0] < 4.5, f"said where it stopped {said[0] if said else None} s after the Ctrl-C\n{err}"
     assert "Traceback" not in err, err
     last = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("torch imported")][-1]
-    assert last.startswith("interrupted: ") and f"of {n} rows of {url} are done" in last, last
-    done = int(last.split("interrupted: ")[1].split(" ")[0])
+    assert last.startswith(said_as) and f"of {n} rows of {url} are done" in last, last
+    done = int(last.split(said_as)[1].split(" ")[0])
     assert 2 <= done < n and done % 2 == 0  # whole blocks only
     assert done == 2 * int(blocks_file.read_text())  # every block written (those queued at the signal too)
     resume = last.split("rerun the same command to resume: ")[1]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import queue
-import signal
 import sys
 import threading
 import time
@@ -25,6 +24,7 @@ from tqdm.auto import tqdm
 from ...pipeline import dataset_files
 from ...pipeline.config import ConfigError, to_dict
 from ...pipeline.records import Dataset, ImageRecord
+from ...pipeline.signals import Terminated, ignore_stop_signals, sigterm_as_interrupt
 from ...storage.provenance import base_attrs
 from ...storage.schema import Capacities, Layout
 from ...storage.writer import StoreWriter, done_mask
@@ -116,14 +116,6 @@ class _DecodeDataset(torch.utils.data.Dataset):
 
 def _collate(items):
     return items
-
-
-def _ignore_ctrl_c(_worker_id: int) -> None:
-    """Decode workers leave Ctrl-C to the main process. A terminal signals the whole process group; a worker
-    that stopped on it would leave decoded images unsent in its pipe and hang on exit until the DataLoader
-    kills it 5 s later (per worker). Ignoring it, they stay in their loop and quit as soon as the main process
-    shuts them down."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def extraction_layout(records: list[ImageRecord], cfg: ExtractConfig, dims: dict) -> Layout:
@@ -223,57 +215,60 @@ def extract(dataset: Dataset, url: str, cfg: ExtractConfig, *, overwrite: bool =
         batch_size=cfg.runtime.batch_size,
         num_workers=cfg.runtime.num_workers,
         collate_fn=_collate,
-        worker_init_fn=_ignore_ctrl_c,
+        worker_init_fn=ignore_stop_signals,  # the main process stops them (pipeline/signals.py)
         persistent_workers=False,
     )
     bar = tqdm(total=len(rows), desc=f"extract r{rank}/{world_size}", unit="img", disable=not progress,
                dynamic_ncols=True)
-    interrupted = False
-    try:
-        t_prev = time.perf_counter()
-        for batch in loader:
-            t_batch = time.perf_counter()
-            timings["decode_wait"] += t_batch - t_prev
-            if write_error:
-                raise write_error[0]
-            good = [(row, img) for row, img, err in batch if img is not None]
-            for row, img, err in batch:
-                if img is None:
-                    record_bad(row, err)
-            failed: dict[int, str] = {}
-            if good:
-                outputs, failed = _run_isolating(models, [img for _, img in good], [records[row] for row, _ in good])
-                t_rows = time.perf_counter()
-                for k, ((row, img), out) in enumerate(zip(good, outputs)):
-                    if out is not None:
-                        builder.add(row, img.shape[:2], out)
-                    else:
-                        record_bad(row, failed[k])
-                timings["rows"] += time.perf_counter() - t_rows
-            t_put = time.perf_counter()
-            for block, arrays in builder.pop_finished_blocks():
-                _put(write_queue, (block, arrays), write_error)
-            timings["write_wait"] += time.perf_counter() - t_put
-            summary.images_done += len(good) - len(failed)
-            bar.update(len(batch))
+    with sigterm_as_interrupt():  # a scheduler's SIGTERM stops like Ctrl-C (pipeline/signals.py)
+        interrupted = None  # the KeyboardInterrupt (Ctrl-C) or Terminated (SIGTERM) that stopped the loop
+        try:
             t_prev = time.perf_counter()
-        timings["decode_wait"] += time.perf_counter() - t_prev  # the end of the epoch: workers shut down
-    except KeyboardInterrupt:
-        interrupted = True  # Ctrl-C: the blocks already queued are whole; write them, then say where we are
-        if write_queue.qsize():
-            print(f"\nCtrl-C: writing the {write_queue.qsize()} finished block(s) already queued, then stopping "
-                  "(Ctrl-C again stops at once; those blocks are redone on resume)", file=sys.stderr, flush=True)
-    finally:
-        bar.close()
-        t_drain = time.perf_counter()
-        _stop_writer(write_queue, thread)  # blocks already queued are whole: they are still written
-        timings["write_wait"] += time.perf_counter() - t_drain
-    if write_error:
-        raise write_error[0]
-    if interrupted:
-        done = int(done_mask(writer.backend).sum())
-        writer.close()
-        raise KeyboardInterrupt(f"interrupted: {done} of {layout.num_rows} rows of {url} are done")
+            for batch in loader:
+                t_batch = time.perf_counter()
+                timings["decode_wait"] += t_batch - t_prev
+                if write_error:
+                    raise write_error[0]
+                good = [(row, img) for row, img, err in batch if img is not None]
+                for row, img, err in batch:
+                    if img is None:
+                        record_bad(row, err)
+                failed: dict[int, str] = {}
+                if good:
+                    outputs, failed = _run_isolating(models, [img for _, img in good], [records[row] for row, _ in good])
+                    t_rows = time.perf_counter()
+                    for k, ((row, img), out) in enumerate(zip(good, outputs)):
+                        if out is not None:
+                            builder.add(row, img.shape[:2], out)
+                        else:
+                            record_bad(row, failed[k])
+                    timings["rows"] += time.perf_counter() - t_rows
+                t_put = time.perf_counter()
+                for block, arrays in builder.pop_finished_blocks():
+                    _put(write_queue, (block, arrays), write_error)
+                timings["write_wait"] += time.perf_counter() - t_put
+                summary.images_done += len(good) - len(failed)
+                bar.update(len(batch))
+                t_prev = time.perf_counter()
+            timings["decode_wait"] += time.perf_counter() - t_prev  # the end of the epoch: workers shut down
+        except KeyboardInterrupt as e:
+            interrupted = e  # the blocks already queued are whole: write them, then say where we are
+            if write_queue.qsize():
+                what = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"
+                print(f"\n{what}: writing the {write_queue.qsize()} finished block(s) already queued, then stopping "
+                      f"({what} again stops at once; those blocks are redone on resume)", file=sys.stderr, flush=True)
+        finally:
+            bar.close()
+            t_drain = time.perf_counter()
+            _stop_writer(write_queue, thread)  # blocks already queued are whole: they are still written
+            timings["write_wait"] += time.perf_counter() - t_drain
+        if write_error:
+            raise write_error[0]
+        if interrupted is not None:
+            done = int(done_mask(writer.backend).sum())
+            writer.close()
+            how = "terminated (SIGTERM)" if isinstance(interrupted, Terminated) else "interrupted"
+            raise type(interrupted)(f"{how}: {done} of {layout.num_rows} rows of {url} are done")
     t_fin = time.perf_counter()
     summary.complete = writer.finalize()
     summary.error_rows = _count_failed(writer)
