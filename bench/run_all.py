@@ -225,9 +225,11 @@ def summary_rows(outcomes: dict[str, Outcome]) -> list[dict]:
                     None if goal is None else v >= goal, "stream")
         for res in r.results["results"]:
             if res["layout"] == "store" and not res["cold"]:
-                where = "rss_worker_mb" if res["workers"] else "rss_main_mb"
-                add("reader", f"store peak RSS, {'largest worker' if res['workers'] else 'main'} ({res['rows']} rows, "
-                    f"{res['workers']} workers)", f"{res[where]:.0f} MiB", "", None, "stream")
+                who = "worker" if res["workers"] else "main"
+                add("reader", f"store peak RSS / private memory, {'largest worker' if res['workers'] else 'main'} "
+                    f"({res['rows']} rows, {res['workers']} workers)",
+                    f"{res[f'rss_{who}_mb']:.0f} / {res.get(f'private_{who}_mb', float('nan')):.0f} MiB", "", None,
+                    "stream")
         remote = r.results.get("remote")
         if remote:
             for w in ("0", "2"):
@@ -276,8 +278,11 @@ def summary_rows(outcomes: dict[str, Outcome]) -> list[dict]:
         x = r.results
         lo, hi = min(x["factors"]), max(x["factors"])
         for w, s in sorted(x["summary"].items()):
-            add("scaling", f"peak RSS {hi}x / {lo}x rows ({w} workers, {'worker' if int(w) else 'main'})",
-                f"{s['rss_growth']:.3f}x", "<= 1.10x", s["flat"], "scaling")
+            who = "worker" if int(w) else "main"
+            add("scaling", f"peak private memory {hi}x / {lo}x rows ({w} workers, {who})",
+                f"{s['private_growth']:.3f}x", "<= 1.10x", s["flat"], "scaling")
+            add("scaling", f"peak RSS {hi}x / {lo}x rows ({w} workers, {who}; mapped chunk pages included)",
+                f"{s['rss_growth']:.3f}x", "", None, "scaling")
             sps = " / ".join(f"{s['samples_per_s'][str(f)]:.0f}" for f in x["factors"])  # JSON keys
             add("scaling", f"samples/s at {' / '.join(f'{f}x' for f in x['factors'])} ({w} workers)", sps, "", None,
                 "scaling")
