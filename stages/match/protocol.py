@@ -10,7 +10,8 @@ The hooks take that ``MatchNet`` and the batch dicts of ``data`` and return tens
 - what the model reads: ``text`` (``"tokens"``: vocabulary ids, a vocabulary is built; ``"bert"``:
   frozen BERT outputs, from the text cache or encoded online) and ``visual`` (``"regions"``:
   ``regions/feats``; ``"grid"``: ``grid/feats``);
-- building: :meth:`check_config`, :meth:`network_args` (saved in checkpoints as ``model_args``),
+- building: :meth:`check_config`, :meth:`options` (the model's own hyperparameters, :attr:`defaults`
+  overridden by the config's ``model_options``), :meth:`network_args` (saved in checkpoints as ``model_args``),
   :meth:`visual_width`, :meth:`unused_parameters` (DDP);
 - training: :meth:`forward` (all-pairs ``sim`` + matched-pair attention), :meth:`objective` (the model's
   own loss terms; CCR/CCS/ICA are added by ``model.match_losses`` for every model), :meth:`after_step`;
@@ -74,10 +75,22 @@ class MatchModel(ABC):
     visual: str = "regions"  # "regions" | "grid"
     network: type[nn.Module]
     shortlist: bool = False  # has a cheap shortlist score, so evaluation can shortlist-and-rerank (MMCA)
+    defaults: dict = {}  # hyperparameters of this model alone and their defaults (the config's model_options)
 
     # ------------------------------------------------------------------------------------- building
     def check_config(self, cfg) -> None:
         """Raise ValueError for a config this model cannot train with."""
+
+    def options(self, cfg) -> dict:
+        """This model's own hyperparameters: :attr:`defaults` overridden by the config's ``model_options``
+        (``--set model_options.NAME=VALUE``, recorded in the run's config.yaml). A new model declares its
+        hyperparameters here instead of adding fields to the shared config; an unknown name is an error."""
+        given = dict(getattr(cfg, "model_options", None) or {})
+        unknown = sorted(set(given) - set(self.defaults))
+        if unknown:
+            raise ValueError(f"model_options {unknown} are not hyperparameters of model {self.name!r}; it takes "
+                             f"{sorted(self.defaults) or 'none'}")
+        return {**self.defaults, **given}
 
     @abstractmethod
     def network_args(self, cfg, visual_dim: int, vocab_size: int, text_dim: int) -> dict:

@@ -129,6 +129,9 @@ class MatchTrainConfig:
     w_itc: float = 1.0
     w_itm: float = 1.0
     w_reg: float = 1.0
+    # hyperparameters a model declares itself (MatchModel.defaults), so a new model adds no field here:
+    # --set model_options.NAME=VALUE
+    model_options: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         for name, allowed in (("model", tuple(MATCH_MODELS.names())), ("captions", CAPTION_MODES),
@@ -136,6 +139,7 @@ class MatchTrainConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         match_model(self.model).check_config(self)
+        match_model(self.model).options(self)  # unknown model_options are an error now, not mid-run
 
     @property
     def family(self) -> MatchModel:

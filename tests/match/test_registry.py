@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from synth_store import make_synth_store, make_text_cache
+from vlcache.pipeline.config import load_config
 from vlcache.stages.match.ablation import run_match_ablation
 from vlcache.stages.match.evaluate import evaluate_match
 from vlcache.stages.match.protocol import MatchModel, attention_scores
@@ -35,9 +36,10 @@ class MeanNet(nn.Module):
 
 class MeanMatch(MatchModel):
     name, text, visual, network = "mean", "bert", "regions", MeanNet
+    defaults = {"width": 8}  # its own hyperparameter: no field in MatchTrainConfig
 
     def network_args(self, cfg, visual_dim, vocab_size, text_dim):
-        return dict(region_dim=visual_dim, text_dim=text_dim, d=cfg.d)
+        return dict(region_dim=visual_dim, text_dim=text_dim, d=self.options(cfg)["width"])
 
     def forward(self, net, batch, attention):
         ti = batch["txt_img"]
@@ -83,7 +85,8 @@ def test_registry_names_and_a_clear_error_for_an_unknown_model():
 
 def test_a_model_defined_outside_the_package_trains_resumes_and_evaluates(mean_registered, synth, tmp_path):
     store, cache = synth
-    cfg = MatchTrainConfig(model="mean", store=store, text_cache=cache, d=16, epochs=1, batch_size=8, lr=1e-3,
+    cfg = MatchTrainConfig(model="mean", store=store, text_cache=cache, model_options={"width": 16}, epochs=1,
+                           batch_size=8, lr=1e-3,
                            captions="one", ccr=1.0, ica=1.0, val_split="train", val_max_images=8, device="cpu",
                            log_every=1)
     res = train_match(cfg, tmp_path / "mean")
@@ -97,6 +100,17 @@ def test_a_model_defined_outside_the_package_trains_resumes_and_evaluates(mean_r
     scores = evaluate_match(tmp_path / "mean", "train", figures=1, device="cpu")
     assert scores["model"] == "mean" and 0 <= scores["rsum"] <= 600 and scores["attn_words"] > 0
     assert 0 <= scores["attn_f1"] <= 1 and (tmp_path / "mean" / "report.md").is_file()
+
+
+def test_a_models_own_hyperparameters_come_from_model_options(mean_registered):
+    cfg = load_config(MatchTrainConfig, overrides=["model=mean", "model_options.width=12"])
+    assert cfg.model_options == {"width": 12} and cfg.family.options(cfg) == {"width": 12}
+    assert MeanMatch().options(MatchTrainConfig(model="mean")) == {"width": 8}  # the model's default
+    with pytest.raises(ValueError, match=r"model_options \['depth'\] are not hyperparameters of model 'mean'; "
+                                         r"it takes \['width'\]"):
+        load_config(MatchTrainConfig, overrides=["model=mean", "model_options.depth=3"])
+    with pytest.raises(ValueError, match=r"not hyperparameters of model 'scan'; it takes none"):
+        MatchTrainConfig(model="scan", model_options={"width": 3})
 
 
 def test_the_ablation_runner_takes_any_registered_model(mean_registered, synth, tmp_path):
