@@ -185,6 +185,11 @@ class RunDir:
             self._tb = None
 
 
+def epochs(n: int) -> str:
+    """``"1 epoch"``, ``"3 epochs"``: how many epochs a checkpoint has seen, for reports."""
+    return f"{n} epoch" if n == 1 else f"{n} epochs"
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)

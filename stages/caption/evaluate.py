@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ...pipeline.runs import RunDir, check_run_store
+from ...pipeline.runs import RunDir, check_run_store, epochs
 from ...storage.store import open_store
 from ..common.attention_metrics import attention_correctness, attention_prf, reference_sets
 from ..common.store_rows import split_rows, store_fingerprint
@@ -319,7 +319,7 @@ def _write_report(run: RunDir, scores: dict, config: dict, figures: list[Path]) 
             ("ICA loss (1 = flat map at 0)", "attn_ica_loss")]
     lines = [f"# Captioning evaluation: {run.path.name}", "",
              f"Split **{scores['split']}**, {scores['n_images']} images, beam {scores['beam_size']}, "
-             f"checkpoint `{scores['checkpoint']}` (after {scores['epoch']} epochs, step {scores['step']}).", "",
+             f"checkpoint `{scores['checkpoint']}` (after {epochs(scores['epoch'])}, step {scores['step']}).", "",
              "| metric | value |", "|---|---|"]
     lines += [f"| {name} | {_fmt(scores.get(key))} |" for name, key in rows if key in scores]
     lines += ["", f"Attention metrics over {scores.get('attn_words', 0)} matched word tokens of the ground-truth "

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...pipeline.runs import RunDir, check_run_store
+from ...pipeline.runs import RunDir, check_run_store, epochs
 from ...storage.backends import open_backend
 from ...storage.store import open_store
 from ..common.attention_metrics import attention_prf
@@ -242,14 +242,19 @@ def _recall_rows(m: dict) -> str:
     return " | ".join(report_number(m.get(k)) for k in keys)
 
 
+def _whole_split(n_images: int) -> str:
+    """The retrieval row's label: the Flickr30k/8k protocol is the whole 1,000-image test split."""
+    return f"whole split, {n_images:,} images" + (" (the Flickr 1K protocol)" if n_images == 1000 else "")
+
+
 def write_report(run: RunDir, scores: dict, config: dict, figures: list[Path], family) -> None:
     ret = scores["retrieval"]
     head = "| protocol | i→t R@1 | R@5 | R@10 | t→i R@1 | R@5 | R@10 | rsum |\n|---|---|---|---|---|---|---|---|"
     rows = ([f"| COCO 1K (5 folds) | {_recall_rows(ret['1k'])} |", f"| COCO 5K | {_recall_rows(ret['5k'])} |"]
-            if ret["protocol"] == "coco" else [f"| whole split (Flickr 1K protocol) | {_recall_rows(ret['full'])} |"])
+            if ret["protocol"] == "coco" else [f"| {_whole_split(scores['n_images'])} | {_recall_rows(ret['full'])} |"])
     lines = [f"# Matching evaluation: {run.path.name}", "",
              f"Model **{scores['model']}**, split **{scores['split']}**: {scores['n_images']} images, "
-             f"{scores['n_captions']} captions; checkpoint `{scores['checkpoint']}` (after {scores['epoch']} epochs, "
+             f"{scores['n_captions']} captions; checkpoint `{scores['checkpoint']}` (after {epochs(scores['epoch'])}, "
              f"step {scores['step']}).", "", head, *rows, "",
              f"Exact scoring: {scores['scoring_seconds']} s, {scores['pairs_per_second']} pairs/s.", ""]
     if "rerank" in scores:
