@@ -60,7 +60,7 @@ class RuntimeConfig:
 @dataclass
 class ExtractConfig:
     groups: tuple[Group, ...] = ("instances", "regions", "grid", "matches")
-    block_size: int = 64
+    block_size: int = 64  # rows per chunk; a dataset of fewer rows gets one block of its own size
     match: Literal["synonyms", "exact"] = "synonyms"  # synonyms | exact
     split: str | None = None  # only this split
     limit: int | None = None  # only the first N images (after the split filter)

@@ -129,7 +129,8 @@ def extraction_layout(records: list[ImageRecord], cfg: ExtractConfig, dims: dict
         grid_size=f.grid_size,
         grid_dim=dims.get("grid_dim", 2048),
     )
-    return Layout(num_rows=len(records), block_size=cfg.block_size, capacities=cap,
+    # a dataset smaller than one block gets one block of its own size: a chunk is stored whole, padding too
+    return Layout(num_rows=len(records), block_size=min(cfg.block_size, len(records)), capacities=cap,
                   groups=("images", "captions", *cfg.groups))
 
 

@@ -383,3 +383,17 @@ def test_detector_registry_has_every_backend_and_imports_each_only_when_asked():
     from vlcache.stages.extract import detector_annotations
 
     assert DETECTORS.get("annotations") is detector_annotations.AnnotationsDetector
+
+
+def test_a_dataset_smaller_than_one_block_gets_one_block_of_its_size(tmp_path):
+    """Chunks are stored whole, padding included: 3 images in 64-row blocks would be 95% padding."""
+    data = tmp_path / "synth"
+    generate(data, n_images=3, seed=4, size=(64, 64))
+    ds = load_dataset(data / "dataset_synth.json", instances=data / "instances.json")
+    url = str(tmp_path / "s.zarr")
+    extract(ds, url, synth_config(block_size=64), progress=False)
+    store = open_store(url)
+    assert store.layout.block_size == 3 and store.layout.num_blocks == 1 and store.done.all()
+    feats = Path(url) / "regions" / "feats" / "c" / "0" / "0" / "0"
+    assert feats.stat().st_size == 3 * 6 * store.layout.capacities.region_dim * 2 + 4  # 3 rows + crc32c
+    assert extract(ds, url, synth_config(block_size=64), progress=False).images_done == 0  # resumes as done
