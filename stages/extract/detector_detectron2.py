@@ -78,6 +78,13 @@ def zoo_checkpoint_url(name: str) -> str:
     return f"{found['S3_PREFIX']}{key}/{found['CONFIG_PATH_TO_URL_SUFFIX'][key]}"
 
 
+def _standard_heads(heads) -> bool:
+    """RoI heads whose inference is ``StandardROIHeads``' own (not a cascade or another subclass's)."""
+    from detectron2.modeling.roi_heads import StandardROIHeads
+
+    return type(heads) is StandardROIHeads and heads.mask_on
+
+
 def _is_remote(source: str) -> bool:
     return "://" in source  # http(s)://, detectron2://, catalog:// ... (detectron2's PathManager handlers)
 
@@ -98,7 +105,8 @@ class Detectron2Detector:
     def __init__(self, config: str | None = None, weights: str = "DEFAULT", score_threshold: float = 0.05,
                  max_instances: int = 32, min_size: int | None = None, max_size: int | None = None,
                  proposals: int | None = None,
-                 device: str = "cpu", amp: bool = True, class_names: Sequence[str] | None = None):
+                 device: str = "cpu", amp: bool = True, class_names: Sequence[str] | None = None,
+                 roi_features: bool = False):
         import_detectron2()
         from detectron2.config import get_cfg
         from detectron2.data import MetadataCatalog
@@ -155,6 +163,11 @@ class Detectron2Detector:
         self.class_names = list(names)
         self.config_name = config
         self.aug = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
+        # BUTD region selection needs every RoI's class probabilities: read where StandardROIHeads computes
+        # them (Cascade and other heads keep their own forward, and regions fall back to the proposals)
+        self.scores_rois = _standard_heads(self.model.roi_heads)
+        self.roi_features = bool(roi_features) and self.scores_rois
+        self.roi_feature_dim = (self.model.roi_heads.box_head.output_shape.channels if self.scores_rois else None)
 
     def _load_weights(self, source: str, config: str) -> str | None:
         """Load a detectron2 checkpoint (local file or URL) into the model; return the file's sha256.
@@ -203,7 +216,8 @@ class Detectron2Detector:
                 "max_size": c.INPUT.MAX_SIZE_TEST, "nms_iou": c.MODEL.ROI_HEADS.NMS_THRESH_TEST,
                 "proposals": c.MODEL.RPN.POST_NMS_TOPK_TEST, "mask_size": c.MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION * 2,
                 "mask_paste": "detectron2", "num_classes": len(self.class_names), "amp": self.amp,
-                "detectron2": detectron2.__version__}
+                "roi_scores": self.scores_rois, "roi_features": self.roi_features,
+                "roi_feature_dim": self.roi_feature_dim, "detectron2": detectron2.__version__}
 
     @torch.inference_mode()
     def detect(self, images, records=None) -> list[Detections]:
@@ -223,9 +237,13 @@ class Detectron2Detector:
             batch = m.preprocess_image(inputs)
             features = m.backbone(batch.tensor)
             proposals, _ = m.proposal_generator(batch, features, None)
-            results, _ = m.roi_heads(batch, features, proposals, None)
+            if self.scores_rois:
+                results, rois = self._roi_heads(features, proposals)
+            else:
+                results, _ = m.roi_heads(batch, features, proposals, None)
+                rois = [(None, None)] * len(proposals)
         out = []
-        for res, props, inp in zip(results, proposals, inputs):
+        for res, props, inp, (probs, feats) in zip(results, proposals, inputs, rois):
             h, w = inp["height"], inp["width"]
             # detector_postprocess's box steps, with detectron2's own Boxes ops: scale, clip, drop empty
             boxes = Boxes(res.pred_boxes.tensor.float().clone())
@@ -237,7 +255,25 @@ class Detectron2Detector:
                 raise DetectorError(f"{self.config_name}: pred_masks of shape {tuple(masks.shape)}, expected (n,1,M,M)")
             pboxes = props.proposal_boxes.tensor.float().cpu() * torch.tensor(
                 [w / props.image_size[1], h / props.image_size[0]] * 2)
-            out.append(Detections(boxes=boxes.tensor.cpu()[keep], labels=res.pred_classes.cpu()[keep],
-                                  scores=res.scores.float().cpu()[keep], masks=masks[keep, 0], image_size=(h, w),
-                                  proposals=pboxes, proposal_scores=props.objectness_logits.float().sigmoid().cpu()))
+            out.append(Detections(
+                boxes=boxes.tensor.cpu()[keep], labels=res.pred_classes.cpu()[keep],
+                scores=res.scores.float().cpu()[keep], masks=masks[keep, 0], image_size=(h, w),
+                proposals=pboxes, proposal_scores=props.objectness_logits.float().sigmoid().cpu(),
+                roi_boxes=None if probs is None else pboxes,
+                roi_scores=None if probs is None else probs[:, :-1].float().cpu(),  # background is the last column
+                roi_feats=feats.float().cpu() if self.roi_features else None))
         return out
+
+    def _roi_heads(self, features, proposals):
+        """``StandardROIHeads`` inference as detectron2 runs it (the box head once, ``box_predictor.inference``,
+        then the mask head on the kept boxes: ``_forward_box`` + ``forward_with_given_boxes``), keeping what
+        its own forward drops: per image, every proposal's class probabilities (``predict_probs``, K + 1
+        columns, background last) and box-head features (the 1024-d "fc7" of FPN models)."""
+        heads = self.model.roi_heads
+        box_feats = heads.box_head(heads.box_pooler([features[f] for f in heads.box_in_features],
+                                                    [p.proposal_boxes for p in proposals]))
+        predictions = heads.box_predictor(box_feats)
+        instances, _ = heads.box_predictor.inference(predictions, proposals)
+        results = heads.forward_with_given_boxes(features, instances)
+        probs = heads.box_predictor.predict_probs(predictions, proposals)
+        return results, list(zip(probs, box_feats.split([len(p) for p in proposals])))

@@ -171,10 +171,13 @@ def _build_models(cfg: ExtractConfig, dataset: Dataset, class_words: str | Path 
             detector = DETECTORS.build(d.backend, config=d.config_file, weights=d.weights,
                                        score_threshold=d.score_threshold, max_instances=d.max_instances,
                                        min_size=d.min_size, max_size=d.max_size, proposals=d.proposals,
-                                       device=device, amp=cfg.runtime.amp)
+                                       device=device, amp=cfg.runtime.amp,
+                                       **({"roi_features": True} if "regions" in groups and f.region_source == "detector"
+                                          else {}))  # asked only when needed: a plugin backend may not take it
     if "regions" in groups and f.region_source == "detector" and not getattr(detector, "roi_features", False):
         raise ValueError(f"features.region_source=detector needs a detector that gives its box head's RoI "
-                         f"features (torchvision); detector.backend={d.backend} does not")
+                         f"features (torchvision, detectron2 with standard RoI heads); detector.backend={d.backend} "
+                         "does not")
     extractor = None
     if "grid" in groups or ("regions" in groups and f.region_source == "backbone"):
         extractor = FeatureExtractor(weights=f.weights, input_size=f.input_size, backbone=f.backbone).to(device)

@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 
 from vlcache.cli import app
 from vlcache.stages.extract.detectors import D2_MISSING, DETECTORS, DetectorError
+from vlcache.stages.extract.regions import butd_select
 from vlcache.stages.extract.detector_detectron2 import (
     ZOO_EXAMPLE,
     Detectron2MissingError,
@@ -167,6 +168,29 @@ def test_instances_equal_default_predictor(ours, predictions):
         assert np.array_equal((ours >= 0.5)[~near], pred.pred_masks.numpy()[~near])
         assert pred.pred_masks.any()
     assert total >= 40
+
+
+@needs_detectron2
+def test_every_roi_is_scored_for_butd_region_selection(ours, checkpoint):
+    """Bottom-up regions (METHODS section 11) come from every RoI the box head scored, as with torchvision:
+    the backend keeps StandardROIHeads' class probabilities of each proposal (background dropped) and,
+    on request, its box-head features, from the one box-head pass its instances come from."""
+    best = []
+    for d in ours:
+        assert np.array_equal(d.roi_boxes, d.proposals) and d.roi_scores.shape == (len(d.proposals), 80)
+        assert (d.roi_scores >= 0).all() and (d.roi_scores.sum(1) <= 1 + 1e-5).all()
+        for score, label in zip(d.scores, d.labels):  # a detection is one RoI's probability of its class
+            assert np.isclose(d.roi_scores[:, label], score, rtol=1e-5, atol=1e-7).any()
+        idx, labels, conf = butd_select(d.roi_boxes, d.roi_scores, fixed=10)
+        assert len(idx) == min(10, len(d.roi_boxes)) and np.array_equal(labels, d.roi_scores[idx].argmax(1))
+        assert d.roi_feats is None
+        best += d.roi_scores.argmax(1).tolist()
+    assert len(best) >= len(ours)  # (a random-init box head prefers one class everywhere: no diversity check)
+    det = DETECTORS.build("detectron2", weights=checkpoint, roi_features=True, **SMALL)
+    d = det.detect([_images()[0]])[0]
+    assert det.roi_feature_dim == 1024 and d.roi_feats.shape == (len(d.roi_boxes), 1024)
+    assert det.config()["roi_scores"] and det.config()["roi_features"]
+    np.testing.assert_allclose(d.roi_scores, ours[0].roi_scores, rtol=1e-5, atol=1e-7)
 
 
 @needs_detectron2
