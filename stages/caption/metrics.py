@@ -8,7 +8,11 @@ which cannot happen offline); "auto" skips SPICE with a note saying so, never si
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import sys
+import tempfile
 from pathlib import Path
 from typing import Hashable
 
@@ -54,8 +58,32 @@ def tokenize(gts: dict, res: dict) -> tuple[dict, dict]:
     """
     both = {("gts", i): [{"caption": c} for c in refs] for i, refs in gts.items()}
     both.update({("res", i): [{"caption": res[i]}] for i in gts})
-    tok = PTBTokenizer().tokenize(both)
+    with _java_stderr_filtered():
+        tok = PTBTokenizer().tokenize(both)
     return {i: tok[("gts", i)] for i in gts}, {i: tok[("res", i)] for i in gts}
+
+
+@contextlib.contextmanager
+def _java_stderr_filtered():
+    """The Stanford tokenizer's JVM writes "PTBTokenizer tokenized N tokens at ..." to the process's
+    stderr (pycocoevalcap leaves it attached), a stray line in the middle of a report or a progress bar.
+    Its stderr goes to a file for the call; every other line is passed on afterwards, so errors still show."""
+    with tempfile.TemporaryFile() as caught:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            rest = [ln for ln in caught.read().decode(errors="replace").splitlines(keepends=True)
+                    if not ln.startswith("PTBTokenizer tokenized")]
+            if rest:
+                sys.stderr.write("".join(rest))
+                sys.stderr.flush()
 
 
 class CaptionScorer:

@@ -1,5 +1,7 @@
 """The wrapper must give exactly what direct pycocoevalcap calls give (COCOEvalCap's pipeline)."""
 
+import os
+
 import pytest
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
@@ -72,3 +74,15 @@ def test_bad_inputs_and_missing_java(monkeypatch):
     monkeypatch.setenv("PATH", "")
     with pytest.raises(RuntimeError, match="needs Java on PATH"):
         score_captions(GTS, RES)
+
+
+def test_tokenizer_leaves_no_stray_java_line_and_passes_other_stderr_on(capfd):
+    """The JVM's 'PTBTokenizer tokenized N tokens' line is dropped; anything else it says still shows."""
+    gts, res = caption_metrics.tokenize({0: ["A dog runs."]}, {0: "a dog"})
+    assert gts == {0: ["a dog runs"]} and res == {0: ["a dog"]}
+    err = capfd.readouterr().err
+    assert "PTBTokenizer tokenized" not in err, err
+    with caption_metrics._java_stderr_filtered():
+        os.write(2, b"PTBTokenizer tokenized 3 tokens at 50 tokens per second.\nWARNING: something else\n")
+    err = capfd.readouterr().err
+    assert err == "WARNING: something else\n", err
