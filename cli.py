@@ -73,6 +73,16 @@ def _expected(e: BaseException) -> bool:
                           NotADirectoryError)) or type(e).__module__.startswith("vlcache.")
 
 
+def _train(config_cls, train_fn, config, opts: dict, overrides, run) -> None:
+    """A train command's body: resolve the config (defaults < --config file < options < --set), check its
+    device, train into ``run`` (resuming it if it exists), print the summary as JSON."""
+    from .pipeline.config import load_config
+
+    cfg = load_config(config_cls, config, opts, overrides)
+    _check_device(cfg.device, "device (config)")
+    typer.echo(json.dumps(train_fn(cfg, run), indent=2, default=str))
+
+
 def _resume_hint() -> str:
     return "rerun the same command to resume: " + shlex.join(["vlcache", *sys.argv[1:]])
 
@@ -372,15 +382,11 @@ def train_caption_cmd(
     """Show-Attend-Tell (+ ICA loss) on the store's grid features; resumes from RUN if it exists."""
     _check_device(device)
     _check_store(store)
-    from .pipeline.config import load_config
     from .stages.caption.train import CaptionTrainConfig, train_caption
 
     opts = {"store": store, "ica_weight": ica_weight, "epochs": epochs, "batch_images": batch_images,
             "device": device, "num_workers": num_workers, "allow_partial": allow_partial or None}
-    cfg = load_config(CaptionTrainConfig, config, opts, set_)
-    _check_device(cfg.device, "device (config)")
-    summary = train_caption(cfg, run)
-    typer.echo(json.dumps(summary, indent=2, default=str))
+    _train(CaptionTrainConfig, train_caption, config, opts, set_, run)
 
 
 @_command(evaluate_app, "caption")
@@ -439,15 +445,11 @@ def train_match_cmd(
     """Image-text matching (SCAN, MMCA, SLAN) with optional CCR/CCS/ICA attention terms."""
     _check_device(device)
     _check_store(store)
-    from .pipeline.config import load_config
     from .stages.match.train import MatchTrainConfig, train_match
 
     opts = {"model": model, "store": store, "text_cache": text_cache, "ccr": ccr, "ccs": ccs, "ica": ica,
             "epochs": epochs, "batch_size": batch_size, "device": device, "allow_partial": allow_partial or None}
-    cfg = load_config(MatchTrainConfig, config, opts, set_)
-    _check_device(cfg.device, "device (config)")
-    summary = train_match(cfg, run)
-    typer.echo(json.dumps(summary, indent=2, default=str))
+    _train(MatchTrainConfig, train_match, config, opts, set_, run)
 
 
 @_command(evaluate_app, "match")
@@ -536,7 +538,6 @@ def train_detector_cmd(
     """Train (or fine-tune) a torchvision Mask R-CNN on COCO-format instances; RUN/detector.pt loads in
     `vlcache extract --weights RUN/detector.pt`."""
     _check_device(device)
-    from .pipeline.config import load_config
     from .stages.detect.train import DetectorTrainConfig, train_detector
 
     opts = {"instances": [str(p) for p in instances] if instances else None,
@@ -545,10 +546,7 @@ def train_detector_cmd(
             "val_image_root": str(val_image_root) if val_image_root else None, "backbone": backbone,
             "weights": weights, "backbone_weights": backbone_weights, "epochs": epochs, "batch_size": batch_size,
             "device": device}
-    cfg = load_config(DetectorTrainConfig, config, opts, set_)
-    _check_device(cfg.device, "device (config)")
-    summary = train_detector(cfg, run)
-    typer.echo(json.dumps(summary, indent=2, default=str))
+    _train(DetectorTrainConfig, train_detector, config, opts, set_, run)
 
 
 @_command(evaluate_app, "detector")

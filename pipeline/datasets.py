@@ -165,14 +165,20 @@ def load_jsonl(
 # format readers
 
 
+def _objects(items: list, path, name: str):
+    """``(i, "name[i]", item)`` for each item of a JSON list that must hold objects (dicts)."""
+    for i, item in enumerate(items):
+        where = f"{name}[{i}]"
+        if not isinstance(item, dict):
+            raise DatasetError(f"{path}: {where}: expected an object, got {type(item).__name__}")
+        yield i, where, item
+
+
 def _karpathy(path, data, image_root, instances, restval_to_train, check_images) -> Dataset:
     images = _field(data, "images", path, "top level", list)
     root = _root(path, image_root)
     records = []
-    for i, img in enumerate(images):
-        where = f"images[{i}]"
-        if not isinstance(img, dict):
-            raise DatasetError(f"{path}: {where}: expected an object, got {type(img).__name__}")
+    for i, where, img in _objects(images, path, "images"):
         filename = _field(img, "filename", path, where, str)
         where = f"images[{i}] ({filename!r})"
         split = _field(img, "split", path, where, str)
@@ -186,10 +192,7 @@ def _karpathy(path, data, image_root, instances, restval_to_train, check_images)
                 f"{path}: {where}: unknown split {split!r}; expected train, val, test or restval"
             )
         captions, toks = [], []
-        for j, s in enumerate(sentences):
-            swhere = f"{where}.sentences[{j}]"
-            if not isinstance(s, dict):
-                raise DatasetError(f"{path}: {swhere}: expected an object, got {type(s).__name__}")
+        for _, swhere, s in _objects(sentences, path, f"{where}.sentences"):
             raw = _field(s, "raw", path, swhere, str).strip()
             captions.append(raw)
             t = s.get("tokens")
@@ -219,19 +222,13 @@ def _coco(path, data, image_root, instances, split, check_images) -> Dataset:
     images = _field(data, "images", path, "top level", list)
     anns = _field(data, "annotations", path, "top level", list)
     caps: dict[int, list[str]] = {}
-    for i, a in enumerate(anns):
-        where = f"annotations[{i}]"
-        if not isinstance(a, dict):
-            raise DatasetError(f"{path}: {where}: expected an object, got {type(a).__name__}")
+    for _, where, a in _objects(anns, path, "annotations"):
         caps.setdefault(_field(a, "image_id", path, where, int), []).append(
             _field(a, "caption", path, where, str).strip()
         )
     root = _root(path, image_root)
     records = []
-    for i, img in enumerate(images):
-        where = f"images[{i}]"
-        if not isinstance(img, dict):
-            raise DatasetError(f"{path}: {where}: expected an object, got {type(img).__name__}")
+    for _, where, img in _objects(images, path, "images"):
         iid = _field(img, "id", path, where, int)
         fname = _field(img, "file_name", path, where, str)
         rel = _inside(root, fname, path, f"{where} (id {iid})")
