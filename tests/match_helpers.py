@@ -1,6 +1,8 @@
 """Checks shared by the matching models' tests (tests/match/)."""
 
+import json
 from math import comb
+from pathlib import Path
 
 import torch
 
@@ -25,3 +27,18 @@ def assert_every_parameter_learns(model: torch.nn.Module, sim: torch.Tensor) -> 
         assert p.grad is not None, name
         assert torch.isfinite(p.grad).all(), name
         assert p.grad.abs().sum() > 0, name
+
+
+def assert_resumed_equals_uninterrupted(full: Path, part: Path) -> None:
+    """A run stopped and resumed (``part``) ends exactly as one that ran straight through (``full``): the same
+    final weights, tensor for tensor, and the same metrics records (wall-clock times aside)."""
+    a = torch.load(full / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(part / "checkpoints" / "last.pt", weights_only=True)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+    def records(run: Path) -> list[dict]:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(x).items() if k != "time"} for x in lines]
+
+    assert records(full) == records(part)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from match_helpers import chance_rsum
+from match_helpers import assert_resumed_equals_uninterrupted, chance_rsum
 from synth_store import make_synth_store, make_text_cache
 from vlcache.stages.match.data import MatchDataset
 from vlcache.stages.match.evaluate import evaluate_match
@@ -164,13 +164,7 @@ def test_resume_mid_epoch_restores_the_queue_and_equals_uninterrupted(synth, cac
     assert (q["net.queue.ids"] >= 0).all() and q["net.queue.txt"].norm(dim=1).allclose(torch.ones(48))
     done = train_match(cfg, tmp_path / "part")
     assert done["step"] == full["step"] == 10
-    a = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=True)
-    b = torch.load(tmp_path / "part" / "checkpoints" / "last.pt", weights_only=True)
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    strip = lambda recs: [{k: v for k, v in r.items() if k != "time"} for r in recs]  # noqa: E731
-    read = lambda p: strip(json.loads(x) for x in (p / "metrics.jsonl").read_text().splitlines())  # noqa: E731
-    assert read(tmp_path / "full") == read(tmp_path / "part")
+    assert_resumed_equals_uninterrupted(tmp_path / "full", tmp_path / "part")
 
 
 def test_slan_ablation_writes_a_table(synth, cache, tmp_path):

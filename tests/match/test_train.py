@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from match_helpers import chance_rsum
+from match_helpers import assert_resumed_equals_uninterrupted, chance_rsum
 from synth_store import make_synth_store, make_text_cache
 from vlcache.stages.common.ica import region_labels
 from vlcache.stages.common.losses import lovasz_hinge
@@ -147,12 +147,6 @@ def test_resume_mid_epoch_equals_uninterrupted(synth, cache, tmp_path, one_threa
     assert part["stopped"] and part["step"] == 3 and part["epochs_completed"] == 0  # 200 captions: 5 batches an epoch
     done = train_match(cfg, tmp_path / "part")
     assert done["step"] == full["step"] == 10 and not done["stopped"]
-    a = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=True)
-    b = torch.load(tmp_path / "part" / "checkpoints" / "last.pt", weights_only=True)
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    strip = lambda recs: [{k: v for k, v in r.items() if k != "time"} for r in recs]  # noqa: E731
-    read = lambda p: strip(json.loads(x) for x in (p / "metrics.jsonl").read_text().splitlines())  # noqa: E731
-    assert read(tmp_path / "full") == read(tmp_path / "part")
+    assert_resumed_equals_uninterrupted(tmp_path / "full", tmp_path / "part")
     with pytest.raises(ValueError, match="different config"):
         train_match(MatchTrainConfig(**{**cfg.__dict__, "ccs": 0.0}), tmp_path / "part")
