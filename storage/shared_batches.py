@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
-__all__ = ["SLOT_KEY", "SharedBatchSlots", "SlotReleasingLoader", "empty_tensor", "torch_dtype"]
+__all__ = ["SLOT_KEY", "SharedBatchSlots", "SlotReleasingLoader", "carry_slot", "empty_tensor", "torch_dtype"]
 
 SLOT_KEY = "_vlcache_slot"  # the slot a batch was written into; removed before the batch reaches the caller
 
@@ -92,9 +92,29 @@ class SlotReleasingLoader(torch.utils.data.DataLoader):
             return batch
         slot = batch.pop(SLOT_KEY, None)
         if slot is not None and int(slot) >= 0:
-            refs = [StorageWeakRef(v.untyped_storage()) for v in batch.values() if isinstance(v, torch.Tensor)]
-            self._out.append((int(slot), refs))
+            self._out.append((int(slot), [StorageWeakRef(t.untyped_storage()) for t in _tensors(batch)]))
         return batch
+
+
+def _tensors(x):
+    """Every tensor in a batch, however nested in dicts, lists and tuples (a transform may nest them)."""
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from _tensors(v)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _tensors(v)
+
+
+def carry_slot(source: dict, batch: dict) -> dict:
+    """Move the slot number of a store batch (``source``) onto the batch a transform built from it, so the
+    loader frees the slot only once nothing holds the transformed batch (which may pass tensors of the slot
+    through unchanged)."""
+    if SLOT_KEY in source:
+        batch[SLOT_KEY] = source.pop(SLOT_KEY)
+    return batch
 
 
 class _Releasing:

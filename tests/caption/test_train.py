@@ -115,6 +115,34 @@ def test_loader_runs_transform_in_workers(synth):
     assert len(got[0]) == 5 and sorted(torch.cat([b["rows"] for b in got[0]]).tolist()) == ds.rows.tolist()
     for a, b in zip(got[0], got[2]):  # same batches whoever builds them
         assert torch.equal(a["rows"], b["rows"]) and torch.equal(a["ica_labels"], b["ica_labels"])
+        assert torch.equal(a["feats"], b["feats"])
+
+
+def test_workers_reuse_batch_memory_and_never_overwrite_a_held_batch(synth):
+    """The grid features pass through the transform in the worker's shared-memory slot
+    (storage/shared_batches.py): a slot is reused once nothing here holds its batch, never before."""
+    import os
+
+    url, _, vocab = synth
+    ds = CaptionBatches(url, CaptionTransform(vocab, 4, url=url), split="train")
+    loader, sampler = caption_loader(ds, 4, shuffle=True, seed=3, num_workers=2)
+    expected = {int(r): ds.store[[int(r)]]["grid/feats"][0].clone() for r in ds.rows}  # read in this process
+    held, inodes, seen = [], set(), 0
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        for i, b in enumerate(loader):
+            assert "_vlcache_slot" not in b
+            for r, f in zip(b["rows"].tolist(), b["feats"]):
+                assert torch.equal(f, expected[r])
+            fd, _ = b["feats"].untyped_storage()._share_fd_cpu_()
+            inodes.add(os.fstat(fd).st_ino)
+            seen += 1
+            if epoch == 0 and i < 2:
+                held.append((b["rows"].clone(), b["feats"][:, :2]))  # a view keeps the whole batch's slot
+    assert len(inodes) <= 2 * loader.slots.per_worker + len(held) + 2 < seen, (len(inodes), seen)
+    for rows, view in held:
+        for r, f in zip(rows.tolist(), view):
+            assert torch.equal(f, expected[r][:2])
 
 
 def test_store_fingerprint_is_stable(synth):
