@@ -64,12 +64,13 @@ class BlockReader:
 
     def _reset(self):
         self._backend, self._files, self._pid, self._cache, self._pool = None, None, None, {}, None
+        self._block_bytes: dict[str, int] = {}  # path -> _decoded_bytes (depends on this process's _files)
         self._done_blocks: set[int] = set()  # blocks whose rows are all done (checked in this process)
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state.update(_backend=None, _files=None, _pid=None, _cache={}, _pool=None, _done_blocks=set(),
-                     _ahead=None, _ahead_pid=None)
+        state.update(_backend=None, _files=None, _pid=None, _cache={}, _block_bytes={}, _pool=None,
+                     _done_blocks=set(), _ahead=None, _ahead_pid=None)
         return state
 
     def backend(self):
@@ -109,16 +110,24 @@ class BlockReader:
         data = self._files.read_block(path, b) if self._files is not None else None
         return self._backend.read_block(path, b) if data is None else data
 
+    def _decoded_bytes(self, path: str) -> int:
+        """Bytes of one block of ``path`` that this process decodes on every read; 0 for blocks it maps
+        (nothing to decode), strings and the done flags. Once per array and process (``_files`` is per process)."""
+        got = self._block_bytes.get(path)
+        if got is None:
+            spec = self.specs.get(path)
+            mapped = self._files is not None and self._files.maps(path)
+            got = 0 if spec is None or spec.dtype == STR or mapped else \
+                np.dtype(spec.dtype).itemsize * int(np.prod(spec.row_shape)) * self.block_size
+            self._block_bytes[path] = got
+        return got
+
     def _worth_threads(self, path: str) -> bool:
         """Whether reading ``path``'s blocks on threads pays: only where there is real decoding to overlap.
         A mapped chunk is one mmap call, and mapping calls serialise on the process's memory map; a small
         chunk (boxes, counts, flags) decodes in less time than a thread handoff takes (in a profile of
         bench/stream.py, threads made both slower)."""
-        if self._files is not None and self._files.maps(path):
-            return False
-        spec = self.specs.get(path)
-        return spec is not None and spec.dtype != STR and \
-            np.dtype(spec.dtype).itemsize * int(np.prod(spec.row_shape)) * self.block_size >= 1 << 20
+        return self._decoded_bytes(path) >= 1 << 20
 
     def block(self, path: str, b: int) -> np.ndarray:
         return self.blocks(path, [b])[b]
@@ -154,11 +163,8 @@ class BlockReader:
         """Blocks of ``path`` kept: a window's worth (``cache_blocks``), or for small arrays that are decoded
         on every read (boxes, counts, flags: HDF5 reads them through h5py, a quarter of a read's time in a
         profile) as many as fit in ``SMALL_BLOCK_CACHE`` bytes -- bounded, whatever the dataset's size."""
-        spec = self.specs.get(path)
-        if spec is None or spec.dtype == STR or (self._files is not None and self._files.maps(path)):
-            return self.cache_blocks
-        nbytes = np.dtype(spec.dtype).itemsize * int(np.prod(spec.row_shape)) * self.block_size
-        return max(self.cache_blocks, SMALL_BLOCK_CACHE // max(1, nbytes))
+        nbytes = self._decoded_bytes(path)
+        return max(self.cache_blocks, SMALL_BLOCK_CACHE // nbytes) if nbytes else self.cache_blocks
 
     def check_done(self, rows: np.ndarray, blocks: np.ndarray, cuts: np.ndarray) -> None:
         """Every row is extracted (``rows`` grouped by block: ``blocks[cuts[i]:cuts[i+1]]`` is one block)."""
