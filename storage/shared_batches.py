@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
-__all__ = ["SLOT_KEY", "SharedBatchSlots", "SlotReleasingLoader", "carry_slot", "empty_tensor", "torch_dtype"]
+__all__ = ["SLOT_KEY", "SharedBatchSlots", "SlotReleasingLoader", "empty_tensor", "torch_dtype",
+           "transform_keeping_slot"]
 
 SLOT_KEY = "_vlcache_slot"  # the slot a batch was written into; removed before the batch reaches the caller
 
@@ -62,13 +63,17 @@ class SharedBatchSlots:
 
 
 class SlotReleasingLoader(torch.utils.data.DataLoader):
-    """A DataLoader whose batches may come from :class:`SharedBatchSlots`: it takes each batch's slot
-    number out of the batch and frees the slot once nothing in this process holds the batch's tensors.
-    Pending slots live on the loader, not the iterator, so an epoch's last batches are freed in the next."""
+    """A DataLoader whose workers write batches into :class:`SharedBatchSlots`: with workers it makes the
+    slots -- one per batch a worker may have in flight (``prefetch_factor``), one held here, one being
+    built -- and gives them to ``reader`` (the :class:`~.block_reader.BlockReader` its dataset reads with).
+    It takes each batch's slot number out of the batch and frees the slot once nothing in this process
+    holds the batch's tensors. Pending slots live on the loader, not the iterator, so an epoch's last
+    batches are freed in the next."""
 
-    def __init__(self, *args, slots: SharedBatchSlots | None = None, **kw):
-        super().__init__(*args, **kw)
-        self.slots = slots
+    def __init__(self, dataset, *args, reader, **kw):
+        super().__init__(dataset, *args, **kw)
+        self.slots = SharedBatchSlots(self.num_workers, self.prefetch_factor + 2) if self.num_workers > 0 else None
+        reader.slots = self.slots
         self._out: list[tuple[int, list[StorageWeakRef]]] = []
 
     def __iter__(self):
@@ -91,7 +96,7 @@ class SlotReleasingLoader(torch.utils.data.DataLoader):
         if not isinstance(batch, dict):
             return batch
         slot = batch.pop(SLOT_KEY, None)
-        if slot is not None and int(slot) >= 0:
+        if slot is not None:
             self._out.append((int(slot), [StorageWeakRef(t.untyped_storage()) for t in _tensors(batch)]))
         return batch
 
@@ -108,13 +113,15 @@ def _tensors(x):
             yield from _tensors(v)
 
 
-def carry_slot(source: dict, batch: dict) -> dict:
-    """Move the slot number of a store batch (``source``) onto the batch a transform built from it, so the
-    loader frees the slot only once nothing holds the transformed batch (which may pass tensors of the slot
-    through unchanged)."""
-    if SLOT_KEY in source:
-        batch[SLOT_KEY] = source.pop(SLOT_KEY)
-    return batch
+def transform_keeping_slot(transform, batch: dict) -> dict:
+    """``transform(batch)`` for a store batch, with the batch's slot number moved onto the result (the
+    transform never sees it): the loader frees the slot only once nothing holds the transformed batch,
+    which may pass tensors of the slot through unchanged."""
+    slot = batch.pop(SLOT_KEY, None)
+    out = transform(batch)
+    if slot is not None:
+        out[SLOT_KEY] = slot
+    return out
 
 
 class _Releasing:

@@ -31,7 +31,7 @@ from .block_reader import BlockReader
 from .errors import StoreError
 from .sampler import BlockSampler, good_rows
 from .schema import DONE
-from .shared_batches import SharedBatchSlots, SlotReleasingLoader, empty_tensor
+from .shared_batches import SlotReleasingLoader, empty_tensor
 
 __all__ = ["BlockSampler", "StoreDataset", "StoreBatchDataset", "collate", "identity_collate", "stream_loader",
            "good_rows"]
@@ -152,12 +152,8 @@ def stream_loader(url, fields: list[str], batch_size: int, *, split: str | None 
     # next windows' chunks, so on a cold cache disk reads overlap with batch building.
     sampler.readahead, sampler.readahead_rows = ds.reader.readahead, 2 * window_blocks * ds.block_size * lanes
     # Workers write batches into shared-memory slots they reuse once this process lets go of a batch
-    # (storage/shared_batches.py): a slot per batch in flight (prefetched per worker), one held, one being built.
-    slots = None
-    if num_workers > 0:
-        slots = SharedBatchSlots(num_workers, (loader_kw.get("prefetch_factor") or 2) + 2)
-        ds.reader.slots = slots
+    # (storage/shared_batches.py).
     loader = SlotReleasingLoader(ds, batch_size=None, sampler=BatchSampler(sampler, batch_size, drop_last),
                                  num_workers=num_workers, collate_fn=identity_collate,
-                                 persistent_workers=num_workers > 0, slots=slots, **loader_kw)
+                                 persistent_workers=num_workers > 0, reader=ds.reader, **loader_kw)
     return loader, sampler

@@ -31,7 +31,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset
 
 from ...storage.backends import open_backend
 from ...storage.masks import merged_grid_coverage, paste_convention
-from ...storage.shared_batches import SLOT_KEY, SharedBatchSlots, SlotReleasingLoader, carry_slot
+from ...storage.shared_batches import SlotReleasingLoader, transform_keeping_slot
 from ...storage.streaming import BlockSampler, StoreBatchDataset
 from ..common.ica import ica_labels, matched_steps
 from ..common.vocab import Vocab
@@ -239,9 +239,7 @@ class CaptionBatches(Dataset):
         return len(self.store)
 
     def __getitem__(self, rows) -> dict:
-        batch = self.store[rows]
-        slot = {SLOT_KEY: batch.pop(SLOT_KEY)} if SLOT_KEY in batch else {}  # not the transform's business
-        return carry_slot(slot, self.transform(batch))
+        return transform_keeping_slot(self.transform, self.store[rows])
 
 
 def identity_collate(batch):
@@ -270,9 +268,7 @@ def caption_loader(dataset: CaptionBatches, batch_images: int, *, shuffle: bool,
     extra = {"prefetch_factor": 4, "persistent_workers": True} if num_workers > 0 else {}
     # workers read into shared-memory slots they reuse once this process lets go of a batch
     # (storage/shared_batches.py); the grid features pass through the transform into the batch unchanged
-    slots = SharedBatchSlots(num_workers, extra["prefetch_factor"] + 2) if num_workers > 0 else None
-    dataset.store.reader.slots = slots
     loader = SlotReleasingLoader(dataset, batch_size=None, sampler=BatchSampler(sampler, batch_images, drop_last=False),
                                  num_workers=num_workers, collate_fn=identity_collate, pin_memory=pin_memory,
-                                 generator=torch.Generator().manual_seed(seed), slots=slots, **extra)
+                                 generator=torch.Generator().manual_seed(seed), reader=dataset.store.reader, **extra)
     return loader, sampler
