@@ -1,13 +1,12 @@
 """Detector backends: one Detections type, 28x28 masks before pasting, weights recorded, clear errors."""
 
 import hashlib
-import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+from extract_helpers import offline_build
 from pycocotools import mask as cocomask
 from torchvision.models.detection import maskrcnn_resnet50_fpn
 from torchvision.models.detection.roi_heads import paste_masks_in_image
@@ -168,13 +167,8 @@ def test_bad_weights_files(tmp_path):
 
 
 def test_default_weights_offline_gives_clear_message(tmp_path):
-    # a real download attempt through a proxy that refuses connections, with an empty torch cache
-    env = dict(os.environ, TORCH_HOME=str(tmp_path), https_proxy="http://127.0.0.1:9",
-               HTTPS_PROXY="http://127.0.0.1:9", no_proxy="", NO_PROXY="")
-    code = ("from vlcache.stages.extract.detectors import DETECTORS\n"
-            "try:\n    DETECTORS.build('torchvision', weights='DEFAULT')\n"
-            "except Exception as e:\n    print(type(e).__name__, e)\n")
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    r = offline_build(tmp_path, "DETECTORS.build('torchvision', weights='DEFAULT')",
+                      "from vlcache.stages.extract.detectors import DETECTORS")
     assert "DetectorError" in r.stdout, r.stdout + r.stderr
     # the detector's own flag, and the one flag that gives random weights for every model
     assert "no internet: pass --detector-weights PATH (a local copy of that file; config key detector.weights), " \

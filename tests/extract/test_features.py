@@ -1,13 +1,11 @@
 """Grid and region features from ResNet-101 C5, BUTD region selection, float16 range checks."""
 
 import hashlib
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
+from extract_helpers import offline_build
 from torchvision.models import resnet101
 
 from vlcache.stages.extract.detectors import DetectorError
@@ -129,12 +127,8 @@ def test_path_weights_loaded_and_sha256_recorded(tmp_path, extractor):
 
 
 def test_default_weights_offline_gives_clear_message(tmp_path):
-    env = dict(os.environ, TORCH_HOME=str(tmp_path), https_proxy="http://127.0.0.1:9",
-               HTTPS_PROXY="http://127.0.0.1:9", no_proxy="", NO_PROXY="")
-    code = ("from vlcache.stages.extract.features import FeatureExtractor\n"
-            "try:\n    FeatureExtractor()\n"
-            "except Exception as e:\n    print(type(e).__name__, e)\n")
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    r = offline_build(tmp_path, "FeatureExtractor()",
+                      "from vlcache.stages.extract.features import FeatureExtractor")
     assert "DetectorError" in r.stdout, r.stdout + r.stderr
     assert "no internet: pass --backbone-weights PATH (a local copy of that file; config key features.weights), " \
            "or --weights none for random init of every model" in r.stdout
